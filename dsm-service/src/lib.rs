@@ -1,0 +1,1 @@
+//! FragVisor DSM service.

@@ -1,0 +1,1 @@
+//! FragVisor accelerator logic that is not QEMU glue.

@@ -1,0 +1,36 @@
+# Shared helpers for FragVisor scripts. Source it: . "$(dirname "$0")/lib/common.sh"
+# shellcheck shell=bash
+
+FV_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+FV_CACHE=${FRAGVISOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fragvisor}
+export FV_ROOT FV_CACHE
+
+fv_log() { printf '[fragvisor] %s\n' "$*" >&2; }
+fv_die() { printf '[fragvisor] error: %s\n' "$*" >&2; exit 1; }
+
+# Install Debian packages that are missing; runs `apt-get update` at most once per run.
+fv_apt_install() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    if [ -z "${FV_APT_UPDATED:-}" ]; then
+        fv_log "apt-get update"
+        $sudo apt-get update -qq >&2 || fv_die "apt-get update failed"
+        export FV_APT_UPDATED=1
+    fi
+    fv_log "installing: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
+        || fv_die "apt-get install ${missing[*]} failed"
+}
+
+# Make sure cargo is on PATH (rustup installs into ~/.cargo/bin).
+fv_need_cargo() {
+    if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    command -v cargo >/dev/null 2>&1 || fv_die "cargo not found: install a Rust toolchain (rustup) first"
+}

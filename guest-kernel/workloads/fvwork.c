@@ -1,0 +1,312 @@
+/*
+ * fvwork — FragVisor guest workloads (one static multi-call binary).
+ *
+ *   fvwork cksum [EXPECT_CPU]        deterministic checksum over a 2 MiB buffer;
+ *                                    prints "FV: percpu cpu=N result=0x.. expected=0x.. ok|BAD"
+ *   fvwork counter CPULIST K         one thread per CPU in CPULIST (e.g. 0,1,2,3 or 0-3),
+ *                                    pinned, each does K lock-xadd increments on one
+ *                                    shared counter; prints "FV: counter final=.. expected=.. ok|BAD"
+ *   fvwork tscskew CPULIST ROUNDS    for every CPU c != first in CPULIST: rdtsc ping-pong
+ *                                    between first and c; prints the offset interval and
+ *                                    "FV: tscskew max_bound=<cycles>"
+ *   fvwork cmos get IDX | set IDX V  read/write a CMOS NVRAM byte (port 0x70/0x71),
+ *                                    used by the reboot test to survive a reset
+ *
+ * Exit status 0 on success, 1 on a wrong result, 2 on usage/system errors.
+ * Built with: gcc -O2 -static -pthread -o fvwork fvwork.c
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/io.h>
+#include <unistd.h>
+
+#define CKSUM_WORDS ((2u << 20) / 8u) /* 2 MiB of uint64_t */
+#define CKSUM_PASSES 2
+/* Value of cksum_run() for the constants above; checked against the host build
+ * in build-initramfs.sh (fvwork cksum on the host must print the same). */
+#define CKSUM_EXPECTED 0xee6a3edcc660e027ull
+
+static int parse_cpulist(const char *s, int *out, int max)
+{
+    int n = 0;
+    while (*s) {
+        char *end;
+        long a = strtol(s, &end, 10), b;
+        if (end == s || a < 0)
+            return -1;
+        b = a;
+        if (*end == '-') {
+            s = end + 1;
+            b = strtol(s, &end, 10);
+            if (end == s || b < a)
+                return -1;
+        }
+        for (long c = a; c <= b; c++) {
+            if (n >= max)
+                return -1;
+            out[n++] = (int)c;
+        }
+        s = end;
+        if (*s == ',')
+            s++;
+        else if (*s)
+            return -1;
+    }
+    return n;
+}
+
+static int pin_to(int cpu)
+{
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof(set), &set) != 0) {
+        printf("FV: error: cannot pin to cpu %d: %s\n", cpu, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* ---------------- cksum ---------------- */
+
+static uint64_t cksum_run(void)
+{
+    uint64_t *buf = malloc(CKSUM_WORDS * sizeof(uint64_t));
+    uint64_t x = 0x9e3779b97f4a7c15ull, h = 0xcbf29ce484222325ull;
+    if (!buf)
+        return 0;
+    for (uint32_t i = 0; i < CKSUM_WORDS; i++) { /* xorshift64 fill */
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        buf[i] = x;
+    }
+    for (int p = 0; p < CKSUM_PASSES; p++) /* strided read-modify-write passes */
+        for (uint32_t i = 0; i < CKSUM_WORDS; i++) {
+            uint32_t j = (i * 2654435761u + (uint32_t)p) % CKSUM_WORDS;
+            buf[j] = buf[j] * 6364136223846793005ull + buf[i];
+            h = (h ^ buf[j]) * 0x100000001b3ull;
+        }
+    free(buf);
+    return h;
+}
+
+static int cmd_cksum(int argc, char **argv)
+{
+    int want = argc > 2 ? atoi(argv[2]) : -1;
+    uint64_t r = cksum_run();
+    int cpu = sched_getcpu();
+    int ok = r == CKSUM_EXPECTED && (want < 0 || cpu == want);
+    printf("FV: percpu cpu=%d result=0x%016llx expected=0x%016llx %s\n", cpu,
+           (unsigned long long)r, (unsigned long long)CKSUM_EXPECTED, ok ? "ok" : "BAD");
+    return ok ? 0 : 1;
+}
+
+/* ---------------- counter ---------------- */
+
+static volatile uint64_t shared_counter __attribute__((aligned(64)));
+static volatile int start_flag;
+static volatile int ready_count;
+
+struct cthread {
+    pthread_t t;
+    int cpu;
+    long k;
+    int err;
+};
+
+static void *counter_thread(void *arg)
+{
+    struct cthread *c = arg;
+    if (pin_to(c->cpu) != 0) {
+        c->err = 1;
+        __atomic_fetch_add(&ready_count, 1, __ATOMIC_SEQ_CST);
+        return NULL;
+    }
+    __atomic_fetch_add(&ready_count, 1, __ATOMIC_SEQ_CST);
+    while (!__atomic_load_n(&start_flag, __ATOMIC_ACQUIRE))
+        ;
+    for (long i = 0; i < c->k; i++)
+        __atomic_fetch_add(&shared_counter, 1, __ATOMIC_SEQ_CST); /* lock xadd */
+    return NULL;
+}
+
+static int cmd_counter(int argc, char **argv)
+{
+    int cpus[256], n;
+    long k;
+    if (argc < 4 || (n = parse_cpulist(argv[2], cpus, 256)) <= 0 || (k = atol(argv[3])) <= 0) {
+        fprintf(stderr, "usage: fvwork counter CPULIST K\n");
+        return 2;
+    }
+    struct cthread th[256];
+    memset(th, 0, sizeof(th));
+    for (int i = 0; i < n; i++) {
+        th[i].cpu = cpus[i];
+        th[i].k = k;
+        if (pthread_create(&th[i].t, NULL, counter_thread, &th[i]) != 0) {
+            printf("FV: error: pthread_create failed\n");
+            return 2;
+        }
+    }
+    while (__atomic_load_n(&ready_count, __ATOMIC_ACQUIRE) < n)
+        sched_yield();
+    __atomic_store_n(&start_flag, 1, __ATOMIC_RELEASE);
+    int err = 0;
+    for (int i = 0; i < n; i++) {
+        pthread_join(th[i].t, NULL);
+        err |= th[i].err;
+    }
+    uint64_t expected = (uint64_t)n * (uint64_t)k;
+    int ok = !err && shared_counter == expected;
+    printf("FV: counter threads=%d cpus=%s k=%ld final=%llu expected=%llu %s\n", n, argv[2], k,
+           (unsigned long long)shared_counter, (unsigned long long)expected, ok ? "ok" : "BAD");
+    return ok ? 0 : 1;
+}
+
+/* ---------------- tscskew ---------------- */
+
+static inline uint64_t rdtsc_ordered(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("lfence; rdtsc" : "=a"(lo), "=d"(hi)::"memory");
+    return ((uint64_t)hi << 32) | lo;
+}
+
+/* One cache line each way. seq odd = message from A, even = message from B. */
+static struct {
+    volatile uint64_t seq __attribute__((aligned(64)));
+    volatile uint64_t tsc;
+} mbox;
+static volatile int pp_ready;
+
+struct pp {
+    int cpu;
+    long rounds;
+    int64_t min_fwd; /* min(tB_recv - tA_send) > d  (d = TSC_B - TSC_A) */
+    int64_t min_bwd; /* min(tA_recv - tB_send) > -d */
+    int err;
+};
+
+static void *pp_b(void *arg)
+{
+    struct pp *p = arg;
+    if (pin_to(p->cpu) != 0) {
+        p->err = 1;
+        __atomic_store_n(&pp_ready, 1, __ATOMIC_RELEASE);
+        return NULL;
+    }
+    __atomic_store_n(&pp_ready, 1, __ATOMIC_RELEASE);
+    for (long r = 0; r < p->rounds; r++) {
+        uint64_t want = 2 * (uint64_t)r + 1;
+        while (__atomic_load_n(&mbox.seq, __ATOMIC_ACQUIRE) != want)
+            ;
+        uint64_t now = rdtsc_ordered();
+        int64_t fwd = (int64_t)(now - mbox.tsc);
+        if (fwd < p->min_fwd)
+            p->min_fwd = fwd;
+        mbox.tsc = rdtsc_ordered();
+        __atomic_store_n(&mbox.seq, want + 1, __ATOMIC_RELEASE);
+    }
+    return NULL;
+}
+
+static int cmd_tscskew(int argc, char **argv)
+{
+    int cpus[256], n;
+    long rounds;
+    if (argc < 4 || (n = parse_cpulist(argv[2], cpus, 256)) < 2 || (rounds = atol(argv[3])) <= 0) {
+        fprintf(stderr, "usage: fvwork tscskew CPULIST(>=2 cpus) ROUNDS\n");
+        return 2;
+    }
+    int64_t max_bound = 0;
+    int err = 0;
+    if (pin_to(cpus[0]) != 0)
+        return 2;
+    for (int i = 1; i < n; i++) {
+        struct pp p = {.cpu = cpus[i], .rounds = rounds, .min_fwd = INT64_MAX, .min_bwd = INT64_MAX};
+        pthread_t t;
+        mbox.seq = 0;
+        pp_ready = 0;
+        if (pthread_create(&t, NULL, pp_b, &p) != 0)
+            return 2;
+        while (!__atomic_load_n(&pp_ready, __ATOMIC_ACQUIRE))
+            sched_yield();
+        for (long r = 0; r < rounds && !p.err; r++) {
+            mbox.tsc = rdtsc_ordered();
+            __atomic_store_n(&mbox.seq, 2 * (uint64_t)r + 1, __ATOMIC_RELEASE);
+            while (__atomic_load_n(&mbox.seq, __ATOMIC_ACQUIRE) != 2 * (uint64_t)r + 2)
+                ;
+            uint64_t now = rdtsc_ordered();
+            int64_t bwd = (int64_t)(now - mbox.tsc);
+            if (bwd < p.min_bwd)
+                p.min_bwd = bwd;
+        }
+        pthread_join(t, NULL);
+        if (p.err) {
+            err = 1;
+            continue;
+        }
+        /* -min_bwd < d < min_fwd */
+        int64_t lo = -p.min_bwd, hi = p.min_fwd;
+        int64_t bound = (lo < 0 ? -lo : lo) > (hi < 0 ? -hi : hi) ? (lo < 0 ? -lo : lo) : (hi < 0 ? -hi : hi);
+        int consistent = lo <= hi;
+        printf("FV: tscskew cpu%d->cpu%d rounds=%ld offset_lo=%lld offset_hi=%lld bound=%lld%s\n",
+               cpus[0], cpus[i], rounds, (long long)lo, (long long)hi, (long long)bound,
+               consistent ? "" : " INCONSISTENT");
+        if (bound > max_bound)
+            max_bound = bound;
+    }
+    printf("FV: tscskew max_bound=%lld cycles\n", (long long)max_bound);
+    return err ? 2 : 0;
+}
+
+/* ---------------- cmos ---------------- */
+
+static int cmd_cmos(int argc, char **argv)
+{
+    if (argc < 4) {
+        fprintf(stderr, "usage: fvwork cmos get IDX | cmos set IDX VAL\n");
+        return 2;
+    }
+    int idx = (int)strtol(argv[3], NULL, 0);
+    if (idx < 0x0e || idx > 0x7f || ioperm(0x70, 2, 1) != 0) {
+        fprintf(stderr, "fvwork: cmos: bad index or ioperm failed: %s\n", strerror(errno));
+        return 2;
+    }
+    if (!strcmp(argv[2], "get")) {
+        outb((unsigned char)idx, 0x70);
+        printf("%d\n", inb(0x71));
+        return 0;
+    }
+    if (!strcmp(argv[2], "set") && argc > 4) {
+        outb((unsigned char)idx, 0x70);
+        outb((unsigned char)strtol(argv[4], NULL, 0), 0x71);
+        return 0;
+    }
+    return 2;
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc < 2)
+        goto usage;
+    if (!strcmp(argv[1], "cksum"))
+        return cmd_cksum(argc, argv);
+    if (!strcmp(argv[1], "counter"))
+        return cmd_counter(argc, argv);
+    if (!strcmp(argv[1], "tscskew"))
+        return cmd_tscskew(argc, argv);
+    if (!strcmp(argv[1], "cmos"))
+        return cmd_cmos(argc, argv);
+usage:
+    fprintf(stderr, "usage: fvwork cksum [CPU] | counter CPULIST K | tscskew CPULIST ROUNDS | cmos get|set IDX [V]\n");
+    return 2;
+}

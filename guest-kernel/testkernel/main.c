@@ -1,0 +1,716 @@
+/*
+ * fvtest — FragVisor tiny multi-vCPU test kernel (32-bit protected mode, no paging).
+ *
+ * BSP: finds the CPUs (ACPI MADT, else fw_cfg, else CMOS), starts every AP with
+ * INIT-SIPI-SIPI through the xAPIC (MMIO 0xfee00000), exchanges IPIs both ways,
+ * runs a memory test on every vCPU (private regions + one shared lock-xadd
+ * counter), reports on COM1 with "FVTEST: " markers and exits QEMU.
+ *
+ * Exit convention (see docs/guest-kernel.md):
+ *   1. write 0x10 (PASS) / 0x11 (FAIL) to port 0xf4: with
+ *      -device isa-debug-exit,iobase=0xf4,iosize=0x04 QEMU exits 33 / 35;
+ *   2. otherwise ACPI S5 power-off through the FADT's PM1a_CNT: QEMU exits 0
+ *      (both for PASS and FAIL — read the markers);
+ *   3. otherwise cli; hlt forever.
+ *
+ * Command line (multiboot, from QEMU -append): cpus=N (use only the first N CPUs),
+ * ipis=N (IPIs each way per AP, default 8), iters=N (lock xadd per vCPU, default
+ * 20000), memkb=N (private region per vCPU, default 64), aptoap=0 (skip AP->AP IPIs).
+ *
+ * Keep the code boring: it must run through KVM's instruction emulator.
+ */
+#include <stdint.h>
+
+#define MAXCPU 64
+#define LAPIC_BASE 0xfee00000u
+#define LAPIC_ID 0x020
+#define LAPIC_VER 0x030
+#define LAPIC_TPR 0x080
+#define LAPIC_EOI 0x0b0
+#define LAPIC_SVR 0x0f0
+#define LAPIC_ESR 0x280
+#define LAPIC_ICR_LO 0x300
+#define LAPIC_ICR_HI 0x310
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_LVT_LINT0 0x350
+#define LAPIC_LVT_LINT1 0x360
+#define LAPIC_LVT_ERR 0x370
+#define ICR_BUSY (1u << 12)
+
+#define VEC_TO_AP 0x40
+#define VEC_TO_BSP 0x41
+#define VEC_AP_AP 0x42
+#define VEC_SPURIOUS 0xff
+
+#define TRAMP_BASE 0x8000u
+#define MEM_BASE 0x01000000u /* private test regions start at 16 MiB */
+
+#define EXIT_PASS 0x10
+#define EXIT_FAIL 0x11
+
+struct frame {
+    uint32_t edi, esi, ebp, esp, ebx, edx, ecx, eax;
+    uint32_t vector, error;
+    uint32_t eip, cs, eflags;
+};
+
+struct mb_info {
+    uint32_t flags, mem_lower, mem_upper, boot_device, cmdline;
+};
+
+/* From boot.S */
+extern uint64_t idt[256];
+extern const uint32_t isr_table[];
+extern const uint32_t isr_table_len;
+extern const uint8_t tramp_start[], tramp_end[];
+void load_idt(void);
+
+/* Shared state (all CPUs). volatile: polled across CPUs. */
+uint32_t ap_boot_stack; /* read by ap_entry32 */
+static uint8_t ap_stacks[MAXCPU][8192] __attribute__((aligned(16)));
+static uint32_t ncpu = 1;
+static uint8_t apic_ids[MAXCPU];
+static int16_t apic_to_idx[256];
+static volatile uint32_t ap_booting_idx;
+static volatile uint32_t online[MAXCPU];
+static volatile uint32_t ipi_recv[MAXCPU];     /* VEC_TO_AP / VEC_AP_AP receipts, per receiver */
+static volatile uint32_t bsp_recv_from[MAXCPU];/* VEC_TO_BSP receipts on the BSP, per sender */
+static volatile uint32_t cur_sender;           /* AP currently sending to the BSP */
+static volatile uint32_t cmd[MAXCPU], cmd_arg[MAXCPU], cmd_seq[MAXCPU], done_seq[MAXCPU];
+static volatile uint32_t mem_ok[MAXCPU];
+static volatile uint32_t shared_counter __attribute__((aligned(64)));
+static volatile uint32_t print_lock;
+static volatile uint32_t failed;
+
+static uint32_t opt_cpus, opt_ipis = 8, opt_iters = 20000, opt_memkb = 64, opt_aptoap = 1;
+static uint32_t pm1a_cnt, slp_typ_s5;
+
+enum { CMD_NONE, CMD_SEND_TO_BSP, CMD_MEMTEST, CMD_SEND_TO_AP, CMD_HALT };
+
+/* ---------------- low level ---------------- */
+
+static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outw(uint16_t port, uint16_t v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline uint8_t inb(uint16_t port)
+{
+    uint8_t v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline uint32_t mmio_read(uint32_t addr) { return *(volatile uint32_t *)addr; }
+static inline void mmio_write(uint32_t addr, uint32_t v) { *(volatile uint32_t *)addr = v; }
+static inline uint32_t lapic_read(uint32_t reg) { return mmio_read(LAPIC_BASE + reg); }
+static inline void lapic_write(uint32_t reg, uint32_t v) { mmio_write(LAPIC_BASE + reg, v); }
+static inline uint32_t atomic_xadd(volatile uint32_t *p, uint32_t v)
+{
+    __asm__ volatile("lock xaddl %0, %1" : "+r"(v), "+m"(*p)::"memory");
+    return v;
+}
+static inline uint32_t xchg(volatile uint32_t *p, uint32_t v)
+{
+    __asm__ volatile("xchgl %0, %1" : "+r"(v), "+m"(*p)::"memory");
+    return v;
+}
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
+
+static uint32_t my_idx(void)
+{
+    int16_t i = apic_to_idx[lapic_read(LAPIC_ID) >> 24];
+    return i < 0 ? 0 : (uint32_t)i;
+}
+
+/* ---------------- serial (COM1, port I/O) ---------------- */
+
+#define COM1 0x3f8
+static void serial_init(void)
+{
+    outb(COM1 + 1, 0x00); /* no interrupts */
+    outb(COM1 + 3, 0x80); /* DLAB */
+    outb(COM1 + 0, 0x01); /* 115200 */
+    outb(COM1 + 1, 0x00);
+    outb(COM1 + 3, 0x03); /* 8N1 */
+    outb(COM1 + 2, 0x07); /* FIFO on, cleared */
+    outb(COM1 + 4, 0x03); /* DTR RTS */
+}
+static void putc_raw(char c)
+{
+    uint32_t spins = 0;
+    while (!(inb(COM1 + 5) & 0x20) && ++spins < 100000)
+        ;
+    outb(COM1, (uint8_t)c);
+}
+static void puts_raw(const char *s)
+{
+    while (*s) {
+        if (*s == '\n')
+            putc_raw('\r');
+        putc_raw(*s++);
+    }
+}
+static void putu_raw(uint32_t v)
+{
+    char b[12];
+    int i = 11;
+    b[i] = 0;
+    do {
+        b[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    puts_raw(b + i);
+}
+static void putx_raw(uint32_t v)
+{
+    char b[11];
+    b[0] = '0';
+    b[1] = 'x';
+    for (int i = 0; i < 8; i++)
+        b[2 + i] = "0123456789abcdef"[(v >> (28 - 4 * i)) & 15];
+    b[10] = 0;
+    puts_raw(b);
+}
+
+static void lock_print(void)
+{
+    while (xchg(&print_lock, 1))
+        ;
+}
+static void unlock_print(void)
+{
+    barrier();
+    print_lock = 0;
+}
+
+/* printf-lite: %u %x %s %d, one whole line under the print lock. */
+static void say(const char *fmt, ...)
+{
+    __builtin_va_list ap;
+    __builtin_va_start(ap, fmt);
+    lock_print();
+    puts_raw("FVTEST: ");
+    for (const char *p = fmt; *p; p++) {
+        if (*p != '%') {
+            if (*p == '\n')
+                putc_raw('\r');
+            putc_raw(*p);
+            continue;
+        }
+        p++;
+        if (*p == 'u')
+            putu_raw(__builtin_va_arg(ap, uint32_t));
+        else if (*p == 'd') {
+            int32_t v = __builtin_va_arg(ap, int32_t);
+            if (v < 0) {
+                putc_raw('-');
+                v = -v;
+            }
+            putu_raw((uint32_t)v);
+        } else if (*p == 'x')
+            putx_raw(__builtin_va_arg(ap, uint32_t));
+        else if (*p == 's')
+            puts_raw(__builtin_va_arg(ap, const char *));
+        else
+            putc_raw(*p);
+    }
+    puts_raw("\n");
+    unlock_print();
+    __builtin_va_end(ap);
+}
+
+/* ---------------- exit ---------------- */
+
+static void machine_exit(int pass)
+{
+    cli();
+    outb(0xf4, pass ? EXIT_PASS : EXIT_FAIL); /* isa-debug-exit, if present */
+    if (pm1a_cnt)                             /* ACPI S5 soft-off */
+        outw((uint16_t)pm1a_cnt, (uint16_t)((slp_typ_s5 << 10) | (1u << 13)));
+    for (;;)
+        __asm__ volatile("hlt");
+}
+
+static void fail(const char *why, uint32_t a, uint32_t b)
+{
+    if (xchg(&failed, 1)) { /* someone else is already failing */
+        cli();
+        for (;;)
+            __asm__ volatile("hlt");
+    }
+    print_lock = 0; /* we may have failed while holding it */
+    say("FAIL %s (%u %x) on cpu %u", why, a, b, my_idx());
+    machine_exit(0);
+}
+
+/* ---------------- timeouts ---------------- */
+
+/* About 2^35 TSC cycles: 10-30 s on current hosts, whatever the engine speed. */
+#define TIMEOUT_CYCLES (1ull << 35)
+
+/* Wait until *p == want (or >= want when ge). Returns 0 on timeout. */
+static int wait_eq(volatile uint32_t *p, uint32_t want, int ge)
+{
+    uint64_t t0 = rdtsc();
+    for (;;) {
+        uint32_t v = *p;
+        if (v == want || (ge && v >= want))
+            return 1;
+        if (rdtsc() - t0 > TIMEOUT_CYCLES)
+            return 0;
+    }
+}
+
+/* ---------------- interrupts ---------------- */
+
+static void set_gate(uint32_t vec, uint32_t handler)
+{
+    /* 32-bit interrupt gate, DPL0, present, selector 0x08 */
+    uint32_t lo = (0x08u << 16) | (handler & 0xffff);
+    uint32_t hi = (handler & 0xffff0000u) | 0x8e00u;
+    idt[vec] = ((uint64_t)hi << 32) | lo;
+}
+
+static const char *const exc_names[32] = {
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS", "#GP", "#PF", "r15",
+    "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "r22", "r23", "r24", "r25", "r26", "r27", "r28", "r29", "#SX", "r31",
+};
+
+void isr_dispatch(struct frame *f)
+{
+    uint32_t v = f->vector;
+    if (v < 32) {
+        if (v == 2) { /* NMI: unexpected but not fatal to report */
+            say("FAIL unexpected NMI on cpu %u", my_idx());
+            machine_exit(0);
+        }
+        fail(exc_names[v], f->error, f->eip);
+        return;
+    }
+    if (v == VEC_SPURIOUS)
+        return; /* no EOI for spurious */
+    if (v == VEC_TO_AP || v == VEC_AP_AP)
+        atomic_xadd(&ipi_recv[my_idx()], 1);
+    else if (v == VEC_TO_BSP)
+        atomic_xadd(&bsp_recv_from[cur_sender], 1);
+    lapic_write(LAPIC_EOI, 0);
+}
+
+static void idt_init(void)
+{
+    for (uint32_t i = 0; i < isr_table_len; i++)
+        set_gate(isr_table[2 * i], isr_table[2 * i + 1]);
+}
+
+/* ---------------- local APIC ---------------- */
+
+static void lapic_init(void)
+{
+    lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS); /* software enable */
+    lapic_write(LAPIC_TPR, 0);
+    lapic_write(LAPIC_LVT_TIMER, 0x10000);
+    lapic_write(LAPIC_LVT_LINT0, 0x10000);
+    lapic_write(LAPIC_LVT_LINT1, 0x10000);
+    lapic_write(LAPIC_LVT_ERR, 0x10000);
+    lapic_write(LAPIC_ESR, 0);
+    lapic_write(LAPIC_EOI, 0);
+}
+
+static int icr_wait_idle(void)
+{
+    for (uint32_t i = 0; i < 1000000; i++)
+        if (!(lapic_read(LAPIC_ICR_LO) & ICR_BUSY))
+            return 1;
+    return 0;
+}
+
+static void send_ipi(uint32_t apic_id, uint32_t low)
+{
+    if (!icr_wait_idle())
+        fail("ICR busy before send", apic_id, low);
+    lapic_write(LAPIC_ICR_HI, apic_id << 24);
+    lapic_write(LAPIC_ICR_LO, low); /* the write to ICR low sends */
+    if (!icr_wait_idle())
+        fail("ICR busy after send", apic_id, low);
+}
+
+static void delay_cycles(uint64_t c)
+{
+    uint64_t t0 = rdtsc();
+    while (rdtsc() - t0 < c)
+        ;
+}
+
+/* ---------------- firmware tables ---------------- */
+
+static int mem_eq(const void *a, const char *b, uint32_t n)
+{
+    const uint8_t *p = a;
+    for (uint32_t i = 0; i < n; i++)
+        if (p[i] != (uint8_t)b[i])
+            return 0;
+    return 1;
+}
+static uint8_t sum8(const void *a, uint32_t n)
+{
+    const uint8_t *p = a;
+    uint8_t s = 0;
+    for (uint32_t i = 0; i < n; i++)
+        s = (uint8_t)(s + p[i]);
+    return s;
+}
+static inline uint32_t rd32(const uint8_t *p) { return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24; }
+
+static const uint8_t *find_rsdp(void)
+{
+    uint32_t ebda = (uint32_t)(*(volatile uint16_t *)0x40e) << 4;
+    if (ebda >= 0x80000 && ebda < 0xa0000)
+        for (uint32_t a = ebda; a < ebda + 1024; a += 16)
+            if (mem_eq((void *)a, "RSD PTR ", 8) && sum8((void *)a, 20) == 0)
+                return (const uint8_t *)a;
+    for (uint32_t a = 0xe0000; a < 0x100000; a += 16)
+        if (mem_eq((void *)a, "RSD PTR ", 8) && sum8((void *)a, 20) == 0)
+            return (const uint8_t *)a;
+    return 0;
+}
+
+static const uint8_t *find_table(const uint8_t *rsdt, const char *sig)
+{
+    uint32_t len = rd32(rsdt + 4);
+    for (uint32_t off = 36; off + 4 <= len; off += 4) {
+        const uint8_t *t = (const uint8_t *)rd32(rsdt + off);
+        if (mem_eq(t, sig, 4))
+            return t;
+    }
+    return 0;
+}
+
+/* S5 sleep type from the DSDT's \_S5 package (AML: NameOp "_S5_" PackageOp ...). */
+static uint32_t parse_s5(const uint8_t *dsdt)
+{
+    uint32_t len = rd32(dsdt + 4);
+    for (uint32_t i = 36; i + 8 < len; i++) {
+        if (!mem_eq(dsdt + i, "_S5_", 4) || dsdt[i + 4] != 0x12)
+            continue;
+        const uint8_t *p = dsdt + i + 5;
+        p += ((*p & 0xc0) >> 6) + 1; /* PkgLength */
+        p++;                         /* NumElements */
+        if (*p == 0x0a)              /* BytePrefix */
+            return p[1] & 7;
+        if (*p == 0x00 || *p == 0x01) /* ZeroOp / OneOp */
+            return *p;
+        return 0;
+    }
+    return 0;
+}
+
+/* Returns the number of enabled CPUs found in the MADT (apic_ids filled), or 0. */
+static uint32_t acpi_scan(void)
+{
+    const uint8_t *rsdp = find_rsdp();
+    if (!rsdp)
+        return 0;
+    const uint8_t *rsdt = (const uint8_t *)rd32(rsdp + 16);
+    if (!mem_eq(rsdt, "RSDT", 4))
+        return 0;
+    const uint8_t *fadt = find_table(rsdt, "FACP");
+    if (fadt) {
+        pm1a_cnt = rd32(fadt + 64);
+        const uint8_t *dsdt = (const uint8_t *)rd32(fadt + 40);
+        if (dsdt && mem_eq(dsdt, "DSDT", 4))
+            slp_typ_s5 = parse_s5(dsdt);
+    }
+    const uint8_t *madt = find_table(rsdt, "APIC");
+    if (!madt)
+        return 0;
+    uint32_t len = rd32(madt + 4), n = 0;
+    for (uint32_t off = 44; off + 2 <= len && madt[off + 1] >= 2; off += madt[off + 1]) {
+        if (madt[off] == 0 && (madt[off + 4] & 1)) { /* processor local APIC, enabled */
+            if (n < MAXCPU)
+                apic_ids[n] = madt[off + 3];
+            n++;
+        }
+    }
+    return n;
+}
+
+static uint32_t fwcfg_ncpus(void)
+{
+    outw(0x510, 0x0000); /* FW_CFG_SIGNATURE */
+    if (inb(0x511) != 'Q' || inb(0x511) != 'E' || inb(0x511) != 'M' || inb(0x511) != 'U')
+        return 0;
+    outw(0x510, 0x0005); /* FW_CFG_NB_CPUS */
+    uint32_t lo = inb(0x511);
+    return lo | (uint32_t)inb(0x511) << 8;
+}
+
+/* ---------------- command line ---------------- */
+
+static uint32_t parse_opt(const char *cl, const char *key, uint32_t dflt)
+{
+    if (!cl)
+        return dflt;
+    uint32_t klen = 0;
+    while (key[klen])
+        klen++;
+    for (const char *p = cl; *p; p++) {
+        if ((p == cl || p[-1] == ' ') && mem_eq(p, key, klen) && p[klen] == '=') {
+            uint32_t v = 0;
+            const char *q = p + klen + 1;
+            if (*q < '0' || *q > '9')
+                return dflt;
+            while (*q >= '0' && *q <= '9')
+                v = v * 10 + (uint32_t)(*q++ - '0');
+            return v;
+        }
+    }
+    return dflt;
+}
+
+/* ---------------- memory test ---------------- */
+
+static inline uint32_t pattern(uint32_t idx, uint32_t i) { return (idx + 1) * 0x01000193u ^ (i * 2654435761u); }
+
+static uint32_t region_base(uint32_t idx) { return MEM_BASE + idx * opt_memkb * 1024; }
+
+static int region_check(uint32_t idx)
+{
+    volatile uint32_t *r = (volatile uint32_t *)region_base(idx);
+    uint32_t words = opt_memkb * 256;
+    for (uint32_t i = 0; i < words; i++)
+        if (r[i] != pattern(idx, i))
+            return 0;
+    return 1;
+}
+
+static void memtest(uint32_t idx)
+{
+    volatile uint32_t *r = (volatile uint32_t *)region_base(idx);
+    uint32_t words = opt_memkb * 256;
+    for (uint32_t i = 0; i < words; i++)
+        r[i] = pattern(idx, i);
+    for (uint32_t k = 0; k < opt_iters; k++)
+        atomic_xadd(&shared_counter, 1);
+    mem_ok[idx] = region_check(idx);
+}
+
+/* ---------------- APs ---------------- */
+
+void ap_main(void)
+{
+    uint32_t idx = ap_booting_idx;
+    lapic_init();
+    uint32_t apic = lapic_read(LAPIC_ID) >> 24;
+    if (apic != apic_ids[idx])
+        fail("AP has unexpected APIC ID", apic, apic_ids[idx]);
+    sti();
+    say("cpu %u online apic=%u", idx, apic);
+    online[idx] = 1;
+
+    uint32_t seen = 0;
+    for (;;) {
+        while (cmd_seq[idx] == seen)
+            ;
+        seen = cmd_seq[idx];
+        switch (cmd[idx]) {
+        case CMD_SEND_TO_BSP: /* send opt_ipis IPIs to the BSP, one at a time */
+            for (uint32_t i = 1; i <= opt_ipis; i++) {
+                send_ipi(apic_ids[0], VEC_TO_BSP);
+                if (!wait_eq(&bsp_recv_from[idx], i, 0))
+                    fail("timeout: BSP did not receive IPI", idx, i);
+            }
+            break;
+        case CMD_SEND_TO_AP: { /* one IPI to another AP */
+            uint32_t to = cmd_arg[idx];
+            uint32_t before = ipi_recv[to];
+            send_ipi(apic_ids[to], VEC_AP_AP);
+            if (!wait_eq(&ipi_recv[to], before + 1, 1))
+                fail("timeout: AP->AP IPI not received", idx, to);
+            break;
+        }
+        case CMD_MEMTEST:
+            memtest(idx);
+            break;
+        case CMD_HALT:
+            done_seq[idx] = seen;
+            cli();
+            for (;;)
+                __asm__ volatile("hlt");
+        }
+        done_seq[idx] = seen;
+    }
+}
+
+static void ap_command(uint32_t idx, uint32_t c, uint32_t arg)
+{
+    cmd[idx] = c;
+    cmd_arg[idx] = arg;
+    barrier();
+    cmd_seq[idx] = cmd_seq[idx] + 1;
+}
+
+static int ap_wait(uint32_t idx) { return wait_eq(&done_seq[idx], cmd_seq[idx], 0); }
+
+static void start_ap(uint32_t idx)
+{
+    uint32_t apic = apic_ids[idx];
+    ap_booting_idx = idx;
+    ap_boot_stack = (uint32_t)&ap_stacks[idx][sizeof(ap_stacks[idx])];
+    barrier();
+    send_ipi(apic, 0x0000c500); /* INIT, level, assert */
+    send_ipi(apic, 0x00008500); /* INIT, level, de-assert */
+    delay_cycles(10000000);     /* ~10 ms at GHz rates (spec: 10 ms) */
+    for (int i = 0; i < 2; i++) {
+        send_ipi(apic, 0x00004600 | (TRAMP_BASE >> 12)); /* STARTUP */
+        delay_cycles(200000);                             /* ~200 us */
+        if (online[idx])
+            break;
+    }
+    if (!wait_eq(&online[idx], 1, 0))
+        fail("timeout: AP did not come online", idx, apic);
+}
+
+/* ---------------- BSP ---------------- */
+
+void bsp_main(uint32_t magic, struct mb_info *mbi)
+{
+    serial_init();
+    for (int i = 0; i < 256; i++)
+        apic_to_idx[i] = -1;
+    /* Mask both 8259 PICs: nothing but our IPIs may interrupt us. */
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+
+    const char *cl = 0;
+    uint32_t mem_kb = 0;
+    if (magic == 0x2BADB002) {
+        if (mbi->flags & 4)
+            cl = (const char *)mbi->cmdline;
+        if (mbi->flags & 1)
+            mem_kb = mbi->mem_upper + 1024;
+    }
+    opt_cpus = parse_opt(cl, "cpus", 0);
+    opt_ipis = parse_opt(cl, "ipis", opt_ipis);
+    opt_iters = parse_opt(cl, "iters", opt_iters);
+    opt_memkb = parse_opt(cl, "memkb", opt_memkb);
+    opt_aptoap = parse_opt(cl, "aptoap", opt_aptoap);
+    if (opt_memkb == 0)
+        opt_memkb = 4;
+
+    idt_init();
+    load_idt();
+    lapic_init();
+    uint32_t bsp_apic = lapic_read(LAPIC_ID) >> 24;
+    say("boot bsp apic=%u lapic_ver=%x mem_kb=%u magic=%x", bsp_apic, lapic_read(LAPIC_VER), mem_kb, magic);
+    if (magic != 0x2BADB002)
+        fail("not booted by a multiboot loader", magic, 0);
+
+    const char *src = "madt";
+    uint32_t n = acpi_scan();
+    if (n == 0) {
+        src = "fw_cfg";
+        n = fwcfg_ncpus();
+        for (uint32_t i = 0; i < n && i < MAXCPU; i++)
+            apic_ids[i] = (uint8_t)i;
+    }
+    if (n == 0) {
+        src = "cmos";
+        outb(0x70, 0x5f);
+        n = inb(0x71) + 1u;
+        for (uint32_t i = 0; i < n && i < MAXCPU; i++)
+            apic_ids[i] = (uint8_t)i;
+    }
+    if (n > MAXCPU)
+        n = MAXCPU;
+    if (opt_cpus && opt_cpus < n)
+        n = opt_cpus;
+    /* The BSP must be index 0. */
+    for (uint32_t i = 1; i < n; i++)
+        if (apic_ids[i] == bsp_apic) {
+            apic_ids[i] = apic_ids[0];
+            apic_ids[0] = (uint8_t)bsp_apic;
+        }
+    if (apic_ids[0] != bsp_apic)
+        fail("BSP APIC ID not in CPU list", bsp_apic, apic_ids[0]);
+    ncpu = n;
+    for (uint32_t i = 0; i < n; i++)
+        apic_to_idx[apic_ids[i]] = (int16_t)i;
+    say("cpus=%u source=%s ipis=%u iters=%u memkb=%u pm1a_cnt=%x", n, src, opt_ipis, opt_iters, opt_memkb, pm1a_cnt);
+    if (mem_kb && region_base(n) / 1024 > mem_kb)
+        fail("not enough memory for the test regions (KiB)", region_base(n) / 1024, mem_kb);
+
+    /* AP trampoline at 0x8000 (SIPI vector 0x08). */
+    {
+        volatile uint8_t *dst = (volatile uint8_t *)TRAMP_BASE;
+        for (const uint8_t *s = tramp_start; s < tramp_end; s++)
+            *dst++ = *s;
+    }
+    online[0] = 1;
+    sti();
+    say("cpu 0 online apic=%u (bsp)", bsp_apic);
+
+    for (uint32_t i = 1; i < n; i++)
+        start_ap(i);
+    say("all %u cpus online", n);
+
+    /* IPIs BSP -> each AP, one at a time, each receipt counted by the AP's handler. */
+    for (uint32_t i = 1; i < n; i++) {
+        for (uint32_t k = 1; k <= opt_ipis; k++) {
+            send_ipi(apic_ids[i], VEC_TO_AP);
+            if (!wait_eq(&ipi_recv[i], k, 0))
+                fail("timeout: AP did not receive IPI from BSP", i, k);
+        }
+        say("ipi bsp->%u ok count=%u", i, ipi_recv[i]);
+    }
+    /* IPIs each AP -> BSP. */
+    for (uint32_t i = 1; i < n; i++) {
+        cur_sender = i;
+        ap_command(i, CMD_SEND_TO_BSP, 0);
+        if (!ap_wait(i))
+            fail("timeout: AP->BSP IPI phase", i, bsp_recv_from[i]);
+        if (bsp_recv_from[i] != opt_ipis)
+            fail("AP->BSP IPI count", i, bsp_recv_from[i]);
+        say("ipi %u->bsp ok count=%u", i, bsp_recv_from[i]);
+    }
+    /* One IPI from each AP to the next AP (ring), if there are >= 2 APs. */
+    if (opt_aptoap && n >= 3) {
+        for (uint32_t i = 1; i < n; i++) {
+            uint32_t to = i + 1 < n ? i + 1 : 1;
+            ap_command(i, CMD_SEND_TO_AP, to);
+            if (!ap_wait(i))
+                fail("timeout: AP->AP IPI phase", i, to);
+            say("ipi %u->%u ok", i, to);
+        }
+    }
+
+    /* Memory: every vCPU fills and checks its own region and adds to one counter. */
+    for (uint32_t i = 1; i < n; i++)
+        ap_command(i, CMD_MEMTEST, 0);
+    memtest(0);
+    for (uint32_t i = 1; i < n; i++)
+        if (!ap_wait(i))
+            fail("timeout: memtest on AP", i, 0);
+    for (uint32_t i = 0; i < n; i++) {
+        if (!mem_ok[i])
+            fail("memory region check failed on its own cpu", i, region_base(i));
+        if (!region_check(i)) /* the BSP reads every other vCPU's writes */
+            fail("memory region check failed from the BSP", i, region_base(i));
+        say("mem cpu %u ok region=%x kb=%u", i, region_base(i), opt_memkb);
+    }
+    uint32_t expected = n * opt_iters;
+    say("counter=%u expected=%u", shared_counter, expected);
+    if (shared_counter != expected)
+        fail("shared counter mismatch", shared_counter, expected);
+
+    for (uint32_t i = 1; i < n; i++)
+        ap_command(i, CMD_HALT, 0);
+    for (uint32_t i = 1; i < n; i++)
+        ap_wait(i);
+    say("PASS");
+    machine_exit(1);
+}

@@ -1,0 +1,141 @@
+//! The DSM address space: the registered regions laid end to end and cut
+//! into 4 KiB pages numbered from 0.
+
+use crate::uffd::PAGE_SIZE;
+
+/// One registered region of memory (e.g. a guest RAM block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// A name that is the same on every node (e.g. QEMU's RAM block id).
+    pub name: String,
+    /// Host virtual address of the first byte.
+    pub base: u64,
+    /// Length in bytes (a multiple of 4 KiB).
+    pub len: u64,
+    /// DSM page number of the first page.
+    pub first_page: u64,
+}
+
+/// The ordered list of regions.
+#[derive(Debug, Clone, Default)]
+pub struct AddressSpace {
+    regions: Vec<Region>,
+    /// Indices of `regions` sorted by `base`, for address lookups.
+    by_addr: Vec<usize>,
+    pages: u64,
+}
+
+/// A region that cannot be added.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpaceError {
+    /// Not page aligned.
+    #[error("region {name} at {base:#x}+{len:#x} is not 4 KiB aligned")]
+    Unaligned {
+        /// Name.
+        name: String,
+        /// Base.
+        base: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Overlaps another.
+    #[error("region {name} overlaps region {other}")]
+    Overlap {
+        /// Name.
+        name: String,
+        /// The other region.
+        other: String,
+    },
+    /// Empty.
+    #[error("region {0} is empty")]
+    Empty(String),
+}
+
+impl AddressSpace {
+    /// Appends a region; returns its first page number.
+    pub fn add(&mut self, name: &str, base: u64, len: u64) -> Result<u64, SpaceError> {
+        let mask = PAGE_SIZE as u64 - 1;
+        if base & mask != 0 || len & mask != 0 {
+            return Err(SpaceError::Unaligned {
+                name: name.into(),
+                base,
+                len,
+            });
+        }
+        if len == 0 {
+            return Err(SpaceError::Empty(name.into()));
+        }
+        if let Some(o) = self.regions.iter().find(|r| base < r.base + r.len && r.base < base + len) {
+            return Err(SpaceError::Overlap {
+                name: name.into(),
+                other: o.name.clone(),
+            });
+        }
+        let first_page = self.pages;
+        self.regions.push(Region {
+            name: name.into(),
+            base,
+            len,
+            first_page,
+        });
+        self.pages += len / PAGE_SIZE as u64;
+        self.by_addr = (0..self.regions.len()).collect();
+        let regions = &self.regions;
+        self.by_addr.sort_by_key(|&i| regions[i].base);
+        Ok(first_page)
+    }
+
+    /// Total pages.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// The regions in registration order.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Page number of a host address, if it is in a region.
+    pub fn page_of(&self, addr: u64) -> Option<u64> {
+        let i = self.by_addr.partition_point(|&i| self.regions[i].base <= addr);
+        let r = &self.regions[*self.by_addr.get(i.checked_sub(1)?)?];
+        (addr < r.base + r.len).then(|| r.first_page + (addr - r.base) / PAGE_SIZE as u64)
+    }
+
+    /// Host address of a page.
+    pub fn addr_of(&self, page: u64) -> u64 {
+        let i = self.regions.partition_point(|r| r.first_page <= page) - 1;
+        let r = &self.regions[i];
+        r.base + (page - r.first_page) * PAGE_SIZE as u64
+    }
+
+    /// Whether pages `a` and `b` are in the same region.
+    pub fn same_region(&self, a: u64, b: u64) -> bool {
+        let ra = self.regions.partition_point(|r| r.first_page <= a);
+        let rb = self.regions.partition_point(|r| r.first_page <= b);
+        ra == rb && b < self.pages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_number_regions_end_to_end() {
+        let mut s = AddressSpace::default();
+        assert_eq!(s.add("ram", 0x10_0000, 0x4000), Ok(0));
+        assert_eq!(s.add("rom", 0x1000, 0x2000), Ok(4));
+        assert_eq!(s.pages(), 6);
+        assert_eq!(s.page_of(0x10_1fff), Some(1));
+        assert_eq!(s.page_of(0x2000), Some(5));
+        assert_eq!(s.page_of(0x3000), None);
+        assert_eq!(s.page_of(0x10_4000), None);
+        assert_eq!(s.addr_of(5), 0x2000);
+        assert_eq!(s.addr_of(3), 0x10_3000);
+        assert!(s.same_region(0, 3));
+        assert!(!s.same_region(3, 4));
+        assert!(matches!(s.add("x", 0x10_2000, 0x1000), Err(SpaceError::Overlap { .. })));
+        assert!(matches!(s.add("y", 0x10, 0x1000), Err(SpaceError::Unaligned { .. })));
+    }
+}

@@ -1,0 +1,144 @@
+//! How nodes talk: the [`Transport`] trait and its implementations.
+//!
+//! A transport gives every pair of nodes one reliable, authenticated,
+//! message-framed connection. See `transport/WIRE.md` for the bytes.
+//!
+//! * [`tcp::TcpTransport`]: TCP, always available and always tested;
+//! * `rdma::RdmaTransport` (feature `rdma`): InfiniBand/RoCE verbs.
+
+pub mod handshake;
+#[cfg(feature = "rdma")]
+pub mod rdma;
+pub mod tcp;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::NodeId;
+
+/// Channel numbers: the first byte of every frame.
+pub mod channel {
+    /// Transport-internal: heartbeats and goodbyes.
+    pub const LINK: u8 = 0;
+    /// Coherence protocol messages.
+    pub const COHERENCE: u8 = 1;
+    /// DSM control: start-up state, barriers.
+    pub const DSM_CONTROL: u8 = 2;
+    /// First channel free for the embedding application (QEMU's forwarding).
+    pub const APP_BASE: u8 = 16;
+    /// Benchmarks (round-trip floor).
+    pub const BENCH: u8 = 15;
+}
+
+/// Why a peer is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerDown {
+    /// It said goodbye: a clean exit.
+    Left,
+    /// The connection broke (closed, reset).
+    Disconnected(String),
+    /// Nothing arrived for longer than the peer timeout.
+    Silent(Duration),
+    /// It sent something that breaks the protocol.
+    ProtocolError(String),
+}
+
+impl std::fmt::Display for PeerDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerDown::Left => write!(f, "left the cluster"),
+            PeerDown::Disconnected(e) => write!(f, "connection lost: {e}"),
+            PeerDown::Silent(t) => write!(f, "no message or heartbeat for {:.1} s", t.as_secs_f64()),
+            PeerDown::ProtocolError(e) => write!(f, "protocol error: {e}"),
+        }
+    }
+}
+
+/// Receives what a transport delivers. Called from the transport's receive
+/// threads; must not block for long.
+pub trait FrameSink: Send + Sync {
+    /// A frame arrived from an authenticated peer on `channel`.
+    fn on_frame(&self, from: NodeId, channel: u8, payload: &[u8]);
+    /// A peer is gone (failed, or left cleanly).
+    fn on_peer_down(&self, peer: NodeId, why: PeerDown);
+}
+
+/// Errors of a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Binding the listen address failed.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Some peers did not come up in time.
+    #[error("timed out after {secs} s waiting for node(s) {missing:?} to connect")]
+    ConnectTimeout {
+        /// Seconds waited.
+        secs: u64,
+        /// Node ids that never connected.
+        missing: Vec<NodeId>,
+    },
+    /// A peer refused us during the handshake.
+    #[error("node {peer} refused the connection: {reason}")]
+    Refused {
+        /// The peer.
+        peer: NodeId,
+        /// Its reason.
+        reason: String,
+    },
+    /// The handshake with a peer failed.
+    #[error("handshake with node {peer} failed: {source}")]
+    Handshake {
+        /// The peer.
+        peer: NodeId,
+        /// Cause.
+        #[source]
+        source: handshake::HandshakeError,
+    },
+    /// The peer is not connected (down or left).
+    #[error("node {0} is not connected")]
+    PeerDown(NodeId),
+    /// A frame larger than the limit.
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    FrameTooLarge {
+        /// Size.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Sending failed.
+    #[error("sending to node {peer} failed")]
+    Send {
+        /// The peer.
+        peer: NodeId,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The transport is not available on this host.
+    #[error("transport unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// One connection per peer pair, framed, authenticated.
+pub trait Transport: Send + Sync {
+    /// This node's id.
+    fn local_id(&self) -> NodeId;
+    /// Number of nodes in the cluster.
+    fn nodes(&self) -> usize;
+    /// Sends one frame to `to` on `channel`. Never blocks on a slow peer for
+    /// long: what the socket does not take at once is queued and written by
+    /// the peer's writer thread, in order.
+    fn send(&self, to: NodeId, channel: u8, payload: &[u8]) -> Result<(), TransportError>;
+    /// Tells every peer that this node leaves cleanly, then closes.
+    fn shutdown(&self);
+}
+
+/// A shared transport.
+pub type SharedTransport = Arc<dyn Transport>;

@@ -93,7 +93,10 @@ impl ClusterConfig {
             return Err(ConfigError::TooManyNodes(n));
         }
         if usize::from(self.node_id) >= n {
-            return Err(ConfigError::NodeIdOutOfRange { id: self.node_id, nodes: n });
+            return Err(ConfigError::NodeIdOutOfRange {
+                id: self.node_id,
+                nodes: n,
+            });
         }
         if n > 1 && self.key.is_empty() {
             return Err(ConfigError::MissingKey(n));
@@ -104,7 +107,11 @@ impl ClusterConfig {
         for a in 0..n {
             for b in a + 1..n {
                 if self.addrs[a] == self.addrs[b] {
-                    return Err(ConfigError::DuplicateAddr { a, b, addr: self.addrs[a] });
+                    return Err(ConfigError::DuplicateAddr {
+                        a,
+                        b,
+                        addr: self.addrs[a],
+                    });
                 }
             }
         }
@@ -120,26 +127,40 @@ mod tests {
     use super::*;
 
     fn addrs(n: u16) -> Vec<SocketAddr> {
-        (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 7000 + i))).collect()
+        (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 7000 + i)))
+            .collect()
     }
 
     #[test]
     fn validate_rejects_bad_descriptions() {
         let key = b"0123456789abcdef".to_vec();
-        assert_eq!(ClusterConfig::new(1, 0, vec![], key.clone()).validate(), Err(ConfigError::NoNodes));
+        assert_eq!(
+            ClusterConfig::new(1, 0, vec![], key.clone()).validate(),
+            Err(ConfigError::NoNodes)
+        );
         assert_eq!(
             ClusterConfig::new(1, 2, addrs(2), key.clone()).validate(),
             Err(ConfigError::NodeIdOutOfRange { id: 2, nodes: 2 })
         );
-        assert_eq!(ClusterConfig::new(1, 0, addrs(2), vec![]).validate(), Err(ConfigError::MissingKey(2)));
-        assert_eq!(ClusterConfig::new(1, 0, addrs(2), b"short".to_vec()).validate(), Err(ConfigError::ShortKey(5)));
+        assert_eq!(
+            ClusterConfig::new(1, 0, addrs(2), vec![]).validate(),
+            Err(ConfigError::MissingKey(2))
+        );
+        assert_eq!(
+            ClusterConfig::new(1, 0, addrs(2), b"short".to_vec()).validate(),
+            Err(ConfigError::ShortKey(5))
+        );
         let mut dup = addrs(3);
         dup[2] = dup[0];
         assert!(matches!(
             ClusterConfig::new(1, 0, dup, key.clone()).validate(),
             Err(ConfigError::DuplicateAddr { a: 0, b: 2, .. })
         ));
-        assert_eq!(ClusterConfig::new(1, 0, addrs(1), vec![]).validate(), Ok(()));
+        assert_eq!(
+            ClusterConfig::new(1, 0, addrs(1), vec![]).validate(),
+            Ok(())
+        );
         assert_eq!(ClusterConfig::new(1, 1, addrs(4), key).validate(), Ok(()));
     }
 }

@@ -57,7 +57,11 @@ impl HomeMap {
         let per = pages / nodes.len() as u64;
         for (i, &n) in nodes.iter().enumerate() {
             let start = first + per * i as u64;
-            let len = if i + 1 == nodes.len() { first + pages - start } else { per };
+            let len = if i + 1 == nodes.len() {
+                first + pages - start
+            } else {
+                per
+            };
             self.assign(start, len, n);
         }
     }
@@ -76,7 +80,10 @@ impl HomeMap {
 
     /// The highest node id named.
     pub fn max_node(&self) -> NodeId {
-        self.ranges.iter().map(|r| r.2).fold(self.default, NodeId::max)
+        self.ranges
+            .iter()
+            .map(|r| r.2)
+            .fold(self.default, NodeId::max)
     }
 }
 

@@ -164,7 +164,9 @@ pub struct DsmNode {
 
 impl std::fmt::Debug for DsmNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DsmNode").field("node", &self.engine.me).finish()
+        f.debug_struct("DsmNode")
+            .field("node", &self.engine.me)
+            .finish()
     }
 }
 
@@ -240,7 +242,10 @@ struct Outbox {
 }
 
 fn shard(page: u64) -> (usize, usize) {
-    ((page % SHARDS as u64) as usize, (page / SHARDS as u64) as usize)
+    (
+        (page % SHARDS as u64) as usize,
+        (page / SHARDS as u64) as usize,
+    )
 }
 
 impl DsmNode {
@@ -248,7 +253,11 @@ impl DsmNode {
     /// every node), joins the cluster, takes the origin's start-up state and
     /// returns once every node is ready. On the origin (node 0) the pages
     /// already written are kept; on every other node they are discarded.
-    pub fn start(cfg: &ClusterConfig, regions: &[(&str, u64, u64)], opts: DsmOptions) -> Result<DsmNode, DsmError> {
+    pub fn start(
+        cfg: &ClusterConfig,
+        regions: &[(&str, u64, u64)],
+        opts: DsmOptions,
+    ) -> Result<DsmNode, DsmError> {
         cfg.validate()?;
         if usize::from(opts.homes.max_node()) >= cfg.nodes() {
             return Err(DsmError::BadHome(opts.homes.max_node()));
@@ -265,7 +274,13 @@ impl DsmNode {
         for r in space.regions() {
             // SAFETY: the caller handed us these mappings for the DSM's use;
             // disabling THP on them does not change their contents.
-            unsafe { libc::madvise(r.base as *mut libc::c_void, r.len as usize, libc::MADV_NOHUGEPAGE) };
+            unsafe {
+                libc::madvise(
+                    r.base as *mut libc::c_void,
+                    r.len as usize,
+                    libc::MADV_NOHUGEPAGE,
+                )
+            };
             if origin {
                 let res = uffd::resident_pages(r.base, r.len).map_err(|source| DsmError::Io {
                     what: format!("mincore on region {}", r.name),
@@ -307,7 +322,9 @@ impl DsmNode {
             stats: Stats::default(),
             events: Mutex::new(tx),
             events_rx: Mutex::new(Some(rx)),
-            peers: (0..cfg.nodes()).map(|_| AtomicU8::new(PEER_ALIVE)).collect(),
+            peers: (0..cfg.nodes())
+                .map(|_| AtomicU8::new(PEER_ALIVE))
+                .collect(),
             peer_reason: Mutex::new(vec![String::new(); cfg.nodes()]),
             control: Mutex::new(Control {
                 touched_done: origin,
@@ -335,7 +352,9 @@ impl DsmNode {
             TransportKind::Rdma => crate::transport::rdma::RdmaTransport::connect(cfg, sink)?,
             #[cfg(not(feature = "rdma"))]
             TransportKind::Rdma => {
-                return Err(TransportError::Unavailable("built without the `rdma` feature".into()).into())
+                return Err(
+                    TransportError::Unavailable("built without the `rdma` feature".into()).into(),
+                )
             }
         };
         let _ = engine.transport.set(transport);
@@ -456,7 +475,9 @@ const CTL_BARRIER_RELEASE: u8 = 3;
 
 impl Engine {
     fn transport(&self) -> &SharedTransport {
-        self.transport.get().expect("transport is set before any use")
+        self.transport
+            .get()
+            .expect("transport is set before any use")
     }
 
     fn event(&self, e: DsmEvent) {
@@ -514,7 +535,11 @@ impl Engine {
             if now >= deadline {
                 return Err(DsmError::StartTimeout(timeout));
             }
-            c = self.control_cv.wait_timeout(c, Duration::from_millis(50)).expect("lock").0;
+            c = self
+                .control_cv
+                .wait_timeout(c, Duration::from_millis(50))
+                .expect("lock")
+                .0;
         }
         Ok(())
     }
@@ -554,13 +579,21 @@ impl Engine {
             if c.released >= gen {
                 break;
             }
-            c = self.control_cv.wait_timeout(c, Duration::from_millis(50)).expect("lock").0;
+            c = self
+                .control_cv
+                .wait_timeout(c, Duration::from_millis(50))
+                .expect("lock")
+                .0;
         }
         Ok(())
     }
 
     fn barrier_enter(&self, from: NodeId, gen: u64) {
-        let all = if self.nodes == 64 { u64::MAX } else { (1u64 << self.nodes) - 1 };
+        let all = if self.nodes == 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.nodes) - 1
+        };
         let mut c = self.control.lock().expect("lock");
         let m = c.entered.entry(gen).or_insert(0);
         *m |= bit(from);
@@ -595,7 +628,10 @@ impl Engine {
                     })
                     .collect();
                 let pages = self.space.pages();
-                if ranges.iter().any(|&(f, c)| f.checked_add(c).is_none_or(|e| e > pages)) {
+                if ranges
+                    .iter()
+                    .any(|&(f, c)| f.checked_add(c).is_none_or(|e| e > pages))
+                {
                     return Err("start-up state names pages outside the registered regions".into());
                 }
                 self.apply_touched(&ranges, false);
@@ -653,7 +689,11 @@ impl Engine {
 
     fn on_fault(&self, f: Fault, t0: Instant, out: &mut Outbox) {
         let Some(page) = self.space.page_of(f.addr) else {
-            warn!(node = self.me, addr = f.addr, "fault outside the DSM regions");
+            warn!(
+                node = self.me,
+                addr = f.addr,
+                "fault outside the DSM regions"
+            );
             return;
         };
         let write = f.write || f.wp;
@@ -725,7 +765,11 @@ impl Engine {
 
     fn request(&self, page: u64, write: bool, prefetch: bool, out: &mut Outbox) {
         let home = self.homes.home(page);
-        let msg = Msg::Request { page, write, prefetch };
+        let msg = Msg::Request {
+            page,
+            write,
+            prefetch,
+        };
         if home == self.me {
             out.local.push_back(msg);
         } else {
@@ -778,16 +822,25 @@ impl Engine {
     fn handle(&self, from: NodeId, m: Msg<'_>, out: &mut Outbox) -> Result<(), String> {
         let page = m.page();
         if page >= self.space.pages() {
-            return Err(format!("page {page} is outside the {} registered pages", self.space.pages()));
+            return Err(format!(
+                "page {page} is outside the {} registered pages",
+                self.space.pages()
+            ));
         }
         match m {
             Msg::Request { write, .. } => self.on_request(from, page, write, out),
             Msg::Done { .. } => self.on_done(from, page, out),
-            Msg::Fetch { requester, keep, .. } => self.on_fetch(page, requester, keep, out),
+            Msg::Fetch {
+                requester, keep, ..
+            } => self.on_fetch(page, requester, keep, out),
             Msg::Invalidate { requester, .. } => self.on_invalidate(page, requester, out),
-            Msg::Grant { mode, data, acks, .. } => {
+            Msg::Grant {
+                mode, data, acks, ..
+            } => {
                 if self.homes.home(page) != from {
-                    return Err(format!("grant for page {page} from node {from}, which is not its home"));
+                    return Err(format!(
+                        "grant for page {page} from node {from}, which is not its home"
+                    ));
                 }
                 self.on_grant(page, mode, data, acks, out)
             }
@@ -805,16 +858,27 @@ impl Engine {
 
     /// The home takes a request: run it now or queue it behind the page's
     /// transaction in progress.
-    fn on_request(&self, r: NodeId, page: u64, write: bool, out: &mut Outbox) -> Result<(), String> {
+    fn on_request(
+        &self,
+        r: NodeId,
+        page: u64,
+        write: bool,
+        out: &mut Outbox,
+    ) -> Result<(), String> {
         if self.homes.home(page) != self.me {
-            return Err(format!("request for page {page}, whose home is node {}", self.homes.home(page)));
+            return Err(format!(
+                "request for page {page}, whose home is node {}",
+                self.homes.home(page)
+            ));
         }
         let access = if write { Access::Write } else { Access::Read };
         let (s, i) = shard(page);
         let mut dir = self.dir[s].lock().expect("lock");
         let e = &mut dir[i];
         if e.busy.is_some() {
-            e.queue.get_or_insert_with(Default::default).push_back((r, access));
+            e.queue
+                .get_or_insert_with(Default::default)
+                .push_back((r, access));
             return Ok(());
         }
         e.busy = Some(r);
@@ -826,7 +890,9 @@ impl Engine {
         let mut dir = self.dir[s].lock().expect("lock");
         let e = &mut dir[i];
         if e.busy != Some(from) || self.homes.home(page) != self.me {
-            return Err(format!("done for page {page} from node {from}, which has no transaction on it"));
+            return Err(format!(
+                "done for page {page} from node {from}, which has no transaction on it"
+            ));
         }
         e.busy = None;
         let next = e.queue.as_mut().and_then(|q| q.pop_front());
@@ -842,7 +908,14 @@ impl Engine {
 
     /// The home's side of a transaction (PROTOCOL.md, "The home's decision").
     /// Called with the page's directory lock held.
-    fn run_transaction(&self, page: u64, e: &mut DirEntry, r: NodeId, access: Access, out: &mut Outbox) -> Result<(), String> {
+    fn run_transaction(
+        &self,
+        page: u64,
+        e: &mut DirEntry,
+        r: NodeId,
+        access: Access,
+        out: &mut Outbox,
+    ) -> Result<(), String> {
         self.check_requester(r)?;
         let plan = decide(&mut e.dir, self.me, r, access);
         Stats::bump(&self.stats.served);
@@ -915,7 +988,9 @@ impl Engine {
         let mut sh = self.local[s].lock().expect("lock");
         let st = LocalState::from_u8(sh.state[i]);
         if st == LocalState::Invalid {
-            return Err(format!("asked to supply page {page}, which this node does not hold"));
+            return Err(format!(
+                "asked to supply page {page}, which this node does not hold"
+            ));
         }
         if st == LocalState::Exclusive {
             self.uffd
@@ -939,7 +1014,8 @@ impl Engine {
         // SAFETY: the page belongs to a registered region and its contents
         // were sent on or are no longer valid; dropping it is the protocol's
         // invalidation.
-        unsafe { uffd::discard(addr, PAGE_SIZE as u64) }.map_err(|e| format!("MADV_DONTNEED at {addr:#x}: {e}"))?;
+        unsafe { uffd::discard(addr, PAGE_SIZE as u64) }
+            .map_err(|e| format!("MADV_DONTNEED at {addr:#x}: {e}"))?;
         if let Some(h) = &self.on_page_change {
             h(addr, PAGE_SIZE as u64);
         }
@@ -957,12 +1033,21 @@ impl Engine {
         Ok(())
     }
 
-    fn on_fetch(&self, page: u64, requester: NodeId, keep: LocalState, out: &mut Outbox) -> Result<(), String> {
+    fn on_fetch(
+        &self,
+        page: u64,
+        requester: NodeId,
+        keep: LocalState,
+        out: &mut Outbox,
+    ) -> Result<(), String> {
         self.check_requester(requester)?;
         if requester == self.me {
             return Err(format!("fetch of page {page} for this very node"));
         }
-        self.supply(page, requester, keep, out, |bytes| Msg::Data { page, bytes })
+        self.supply(page, requester, keep, out, |bytes| Msg::Data {
+            page,
+            bytes,
+        })
     }
 
     fn on_invalidate(&self, page: u64, requester: NodeId, out: &mut Outbox) -> Result<(), String> {
@@ -975,7 +1060,14 @@ impl Engine {
         Ok(())
     }
 
-    fn on_grant(&self, page: u64, mode: LocalState, data: GrantData<'_>, acks: u16, out: &mut Outbox) -> Result<(), String> {
+    fn on_grant(
+        &self,
+        page: u64,
+        mode: LocalState,
+        data: GrantData<'_>,
+        acks: u16,
+        out: &mut Outbox,
+    ) -> Result<(), String> {
         let (s, i) = shard(page);
         let mut sh = self.local[s].lock().expect("lock");
         let p = sh
@@ -1003,7 +1095,9 @@ impl Engine {
             return Ok(());
         }
         if kind == GRANT_DATA && inline.is_none() && p.data.is_none() {
-            return Err(format!("grant for page {page} promises data that never came"));
+            return Err(format!(
+                "grant for page {page} promises data that never came"
+            ));
         }
         self.complete(&mut sh, page, i, inline, out)
     }
@@ -1031,7 +1125,14 @@ impl Engine {
 
     /// Every message of the transaction is in: install the page, wake the
     /// faulting threads, tell the home.
-    fn complete(&self, sh: &mut LocalShard, page: u64, i: usize, bytes: Option<&[u8]>, out: &mut Outbox) -> Result<(), String> {
+    fn complete(
+        &self,
+        sh: &mut LocalShard,
+        page: u64,
+        i: usize,
+        bytes: Option<&[u8]>,
+        out: &mut Outbox,
+    ) -> Result<(), String> {
         let p = sh.pending.remove(&page).expect("checked by the caller");
         let (mode, kind) = p.grant.expect("checked by the caller");
         let addr = self.space.addr_of(page);
@@ -1059,13 +1160,20 @@ impl Engine {
                     .map_err(|e| e.to_string())?;
             }
             None if st == LocalState::Invalid => {
-                return Err(format!("page {page} granted without data but this node holds none"));
+                return Err(format!(
+                    "page {page} granted without data but this node holds none"
+                ));
             }
-            None => self.uffd.wake(addr, PAGE_SIZE as u64).map_err(|e| e.to_string())?,
+            None => self
+                .uffd
+                .wake(addr, PAGE_SIZE as u64)
+                .map_err(|e| e.to_string())?,
         }
         sh.state[i] = mode as u8;
         if !p.prefetch {
-            self.stats.fault_latency.record(p.t0.elapsed().as_nanos() as u64);
+            self.stats
+                .fault_latency
+                .record(p.t0.elapsed().as_nanos() as u64);
         }
         let _ = p.write;
         if self.homes.home(page) == self.me {
@@ -1078,7 +1186,11 @@ impl Engine {
     }
 
     fn peer_down(&self, peer: NodeId, why: PeerDown) {
-        let new = if why == PeerDown::Left { PEER_LEFT } else { PEER_FAILED };
+        let new = if why == PeerDown::Left {
+            PEER_LEFT
+        } else {
+            PEER_FAILED
+        };
         if self.peers[usize::from(peer)].swap(new, Ordering::AcqRel) != PEER_ALIVE {
             return;
         }
@@ -1125,7 +1237,13 @@ impl FrameSink for Engine {
                 let mut out = Outbox::new(self.nodes);
                 for m in Decoder::new(payload) {
                     let r = m.map_err(|e| e.to_string()).and_then(|m| {
-                        let urgent = matches!(m, Msg::Request { prefetch: false, .. });
+                        let urgent = matches!(
+                            m,
+                            Msg::Request {
+                                prefetch: false,
+                                ..
+                            }
+                        );
                         let r = self.handle(from, m, &mut out);
                         if urgent {
                             // Answer a demand fault before the prefetches
@@ -1137,7 +1255,10 @@ impl FrameSink for Engine {
                     });
                     if let Err(what) = r {
                         warn!(node = self.me, peer = from, %what, "protocol error");
-                        eprintln!("fragvisor-dsm: node {}: protocol error from node {from}: {what}", self.me);
+                        eprintln!(
+                            "fragvisor-dsm: node {}: protocol error from node {from}: {what}",
+                            self.me
+                        );
                         self.event(DsmEvent::ProtocolError { node: from, what });
                         break;
                     }
@@ -1155,7 +1276,12 @@ impl FrameSink for Engine {
                 let h = self.app.read().expect("lock").clone();
                 match h {
                     Some(h) => h(from, ch, payload),
-                    None => debug!(node = self.me, peer = from, ch, "frame on a channel nobody listens to"),
+                    None => debug!(
+                        node = self.me,
+                        peer = from,
+                        ch,
+                        "frame on a channel nobody listens to"
+                    ),
                 }
             }
         }

@@ -65,7 +65,11 @@ impl AddressSpace {
         if len == 0 {
             return Err(SpaceError::Empty(name.into()));
         }
-        if let Some(o) = self.regions.iter().find(|r| base < r.base + r.len && r.base < base + len) {
+        if let Some(o) = self
+            .regions
+            .iter()
+            .find(|r| base < r.base + r.len && r.base < base + len)
+        {
             return Err(SpaceError::Overlap {
                 name: name.into(),
                 other: o.name.clone(),
@@ -97,7 +101,9 @@ impl AddressSpace {
 
     /// Page number of a host address, if it is in a region.
     pub fn page_of(&self, addr: u64) -> Option<u64> {
-        let i = self.by_addr.partition_point(|&i| self.regions[i].base <= addr);
+        let i = self
+            .by_addr
+            .partition_point(|&i| self.regions[i].base <= addr);
         let r = &self.regions[*self.by_addr.get(i.checked_sub(1)?)?];
         (addr < r.base + r.len).then(|| r.first_page + (addr - r.base) / PAGE_SIZE as u64)
     }
@@ -135,7 +141,13 @@ mod tests {
         assert_eq!(s.addr_of(3), 0x10_3000);
         assert!(s.same_region(0, 3));
         assert!(!s.same_region(3, 4));
-        assert!(matches!(s.add("x", 0x10_2000, 0x1000), Err(SpaceError::Overlap { .. })));
-        assert!(matches!(s.add("y", 0x10, 0x1000), Err(SpaceError::Unaligned { .. })));
+        assert!(matches!(
+            s.add("x", 0x10_2000, 0x1000),
+            Err(SpaceError::Overlap { .. })
+        ));
+        assert!(matches!(
+            s.add("y", 0x10, 0x1000),
+            Err(SpaceError::Unaligned { .. })
+        ));
     }
 }

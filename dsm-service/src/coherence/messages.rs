@@ -130,8 +130,18 @@ impl Msg<'_> {
         out.push(tag);
         out.extend_from_slice(&page.to_le_bytes());
         match *self {
-            Msg::Request { write, prefetch, .. } => out.push(if write { 1 } else if prefetch { 2 } else { 0 }),
-            Msg::Grant { mode, data, acks, .. } => {
+            Msg::Request {
+                write, prefetch, ..
+            } => out.push(if write {
+                1
+            } else if prefetch {
+                2
+            } else {
+                0
+            }),
+            Msg::Grant {
+                mode, data, acks, ..
+            } => {
                 out.push(mode as u8);
                 out.push(match data {
                     GrantData::None => 0,
@@ -144,7 +154,9 @@ impl Msg<'_> {
                     out.extend_from_slice(b);
                 }
             }
-            Msg::Fetch { requester, keep, .. } => {
+            Msg::Fetch {
+                requester, keep, ..
+            } => {
                 out.extend_from_slice(&requester.to_le_bytes());
                 out.push(keep as u8);
             }
@@ -172,7 +184,10 @@ impl<'a> Decoder<'a> {
         if self.buf.len() - self.pos < n {
             return Err(DecodeError {
                 offset: self.pos,
-                what: format!("truncated {what}: need {n} bytes, {} left", self.buf.len() - self.pos),
+                what: format!(
+                    "truncated {what}: need {n} bytes, {} left",
+                    self.buf.len() - self.pos
+                ),
             });
         }
         let s = &self.buf[self.pos..self.pos + n];
@@ -190,7 +205,10 @@ impl<'a> Decoder<'a> {
     }
 
     fn bad(&self, what: String) -> DecodeError {
-        DecodeError { offset: self.pos, what }
+        DecodeError {
+            offset: self.pos,
+            what,
+        }
     }
 
     fn next_msg(&mut self) -> Result<Msg<'a>, DecodeError> {
@@ -198,9 +216,21 @@ impl<'a> Decoder<'a> {
         let page = u64::from_le_bytes(self.take(8, "page")?.try_into().expect("8 bytes"));
         Ok(match tag {
             1 => match self.u8("access")? {
-                0 => Msg::Request { page, write: false, prefetch: false },
-                1 => Msg::Request { page, write: true, prefetch: false },
-                2 => Msg::Request { page, write: false, prefetch: true },
+                0 => Msg::Request {
+                    page,
+                    write: false,
+                    prefetch: false,
+                },
+                1 => Msg::Request {
+                    page,
+                    write: true,
+                    prefetch: false,
+                },
+                2 => Msg::Request {
+                    page,
+                    write: false,
+                    prefetch: true,
+                },
                 a => return Err(self.bad(format!("request access {a}"))),
             },
             2 => {
@@ -218,7 +248,12 @@ impl<'a> Decoder<'a> {
                     3 => GrantData::FromSupplier,
                     k => return Err(self.bad(format!("grant data kind {k}"))),
                 };
-                Msg::Grant { page, mode, data, acks }
+                Msg::Grant {
+                    page,
+                    mode,
+                    data,
+                    acks,
+                }
             }
             3 => {
                 let requester = self.u16("requester")?;
@@ -227,7 +262,11 @@ impl<'a> Decoder<'a> {
                     1 => LocalState::Shared,
                     k => return Err(self.bad(format!("fetch keep {k}"))),
                 };
-                Msg::Fetch { page, requester, keep }
+                Msg::Fetch {
+                    page,
+                    requester,
+                    keep,
+                }
             }
             4 => Msg::Data {
                 page,
@@ -277,14 +316,47 @@ mod tests {
     fn every_message_round_trips() {
         let page = vec![0xabu8; PAGE_SIZE];
         let msgs = vec![
-            Msg::Request { page: 1, write: true, prefetch: false },
-            Msg::Request { page: 2, write: false, prefetch: true },
-            Msg::Grant { page: 3, mode: LocalState::Shared, data: GrantData::Inline(&page), acks: 0 },
-            Msg::Grant { page: 4, mode: LocalState::Exclusive, data: GrantData::FromSupplier, acks: 3 },
-            Msg::Grant { page: 4, mode: LocalState::Exclusive, data: GrantData::Zero, acks: 0 },
-            Msg::Fetch { page: 5, requester: 2, keep: LocalState::Shared },
-            Msg::Data { page: u64::MAX, bytes: &page },
-            Msg::Invalidate { page: 6, requester: 63 },
+            Msg::Request {
+                page: 1,
+                write: true,
+                prefetch: false,
+            },
+            Msg::Request {
+                page: 2,
+                write: false,
+                prefetch: true,
+            },
+            Msg::Grant {
+                page: 3,
+                mode: LocalState::Shared,
+                data: GrantData::Inline(&page),
+                acks: 0,
+            },
+            Msg::Grant {
+                page: 4,
+                mode: LocalState::Exclusive,
+                data: GrantData::FromSupplier,
+                acks: 3,
+            },
+            Msg::Grant {
+                page: 4,
+                mode: LocalState::Exclusive,
+                data: GrantData::Zero,
+                acks: 0,
+            },
+            Msg::Fetch {
+                page: 5,
+                requester: 2,
+                keep: LocalState::Shared,
+            },
+            Msg::Data {
+                page: u64::MAX,
+                bytes: &page,
+            },
+            Msg::Invalidate {
+                page: 6,
+                requester: 63,
+            },
             Msg::InvAck { page: 7 },
             Msg::Done { page: 8 },
         ];
@@ -298,7 +370,11 @@ mod tests {
     #[test]
     fn malformed_frames_are_named() {
         let mut buf = Vec::new();
-        Msg::Data { page: 1, bytes: &[0; PAGE_SIZE] }.encode(&mut buf);
+        Msg::Data {
+            page: 1,
+            bytes: &[0; PAGE_SIZE],
+        }
+        .encode(&mut buf);
         buf.truncate(100);
         let e = decode_all(&buf).unwrap_err();
         assert!(e.what.contains("truncated page data"), "{e}");

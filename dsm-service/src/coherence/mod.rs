@@ -200,20 +200,36 @@ mod tests {
         assert_eq!(p.mode, LocalState::Shared);
         assert_eq!(p.data, DataSource::Node(2));
         assert_eq!(p.supplier_keeps, LocalState::Shared);
-        assert_eq!(d, DirState { owner: None, sharers: bit(1) | bit(2) });
+        assert_eq!(
+            d,
+            DirState {
+                owner: None,
+                sharers: bit(1) | bit(2)
+            }
+        );
     }
 
     #[test]
     fn write_of_exclusive_page_moves_ownership() {
         let mut d = excl(2);
         let p = decide(&mut d, H, 1, Access::Write);
-        assert_eq!((p.mode, p.data, p.supplier_keeps), (LocalState::Exclusive, DataSource::Node(2), LocalState::Invalid));
+        assert_eq!(
+            (p.mode, p.data, p.supplier_keeps),
+            (
+                LocalState::Exclusive,
+                DataSource::Node(2),
+                LocalState::Invalid
+            )
+        );
         assert_eq!(d, excl(1));
     }
 
     #[test]
     fn upgrade_invalidates_every_other_sharer_and_needs_no_data() {
-        let mut d = DirState { owner: None, sharers: 0b1111 };
+        let mut d = DirState {
+            owner: None,
+            sharers: 0b1111,
+        };
         let p = decide(&mut d, H, 2, Access::Write);
         assert_eq!(p.data, DataSource::None);
         assert_eq!(p.invalidate, 0b1011);
@@ -222,11 +238,17 @@ mod tests {
 
     #[test]
     fn write_by_non_sharer_takes_data_from_home_first() {
-        let mut d = DirState { owner: None, sharers: bit(0) | bit(2) };
+        let mut d = DirState {
+            owner: None,
+            sharers: bit(0) | bit(2),
+        };
         let p = decide(&mut d, H, 1, Access::Write);
         assert_eq!(p.data, DataSource::Node(0));
         assert_eq!(p.invalidate, bit(2));
-        let mut d = DirState { owner: None, sharers: bit(3) | bit(2) };
+        let mut d = DirState {
+            owner: None,
+            sharers: bit(3) | bit(2),
+        };
         let p = decide(&mut d, H, 1, Access::Write);
         assert_eq!(p.data, DataSource::Node(2));
         assert_eq!(p.invalidate, bit(3));
@@ -248,7 +270,10 @@ mod tests {
         let p = decide(&mut d, H, 1, Access::Read);
         assert_eq!((p.mode, p.data), (LocalState::Exclusive, DataSource::None));
         assert_eq!(d, excl(1));
-        let mut d = DirState { owner: None, sharers: bit(1) | bit(2) };
+        let mut d = DirState {
+            owner: None,
+            sharers: bit(1) | bit(2),
+        };
         let p = decide(&mut d, H, 1, Access::Read);
         assert_eq!((p.mode, p.data), (LocalState::Shared, DataSource::None));
         assert_eq!(d.sharers, bit(1) | bit(2));

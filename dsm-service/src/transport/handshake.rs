@@ -83,7 +83,9 @@ pub enum HandshakeError {
     #[error("malformed handshake: {0}")]
     Malformed(String),
     /// Protocol version mismatch.
-    #[error("protocol version {theirs} is not supported (this node speaks version {PROTOCOL_VERSION})")]
+    #[error(
+        "protocol version {theirs} is not supported (this node speaks version {PROTOCOL_VERSION})"
+    )]
     Version {
         /// The peer's version.
         theirs: u16,
@@ -146,7 +148,10 @@ impl Hello {
             return Err(HandshakeError::BadMagic(b[..b.len().min(8)].to_vec()));
         }
         if b.len() < 10 {
-            return Err(HandshakeError::Malformed(format!("hello of {} bytes", b.len())));
+            return Err(HandshakeError::Malformed(format!(
+                "hello of {} bytes",
+                b.len()
+            )));
         }
         let version = u16::from_le_bytes([b[8], b[9]]);
         if version != PROTOCOL_VERSION {
@@ -195,7 +200,13 @@ pub fn auth_mac(key: &[u8], dialer: &Hello, acceptor: &Hello, from_dialer: bool)
 }
 
 /// Checks a MAC in constant time.
-pub fn verify_mac(key: &[u8], dialer: &Hello, acceptor: &Hello, from_dialer: bool, got: &[u8]) -> bool {
+pub fn verify_mac(
+    key: &[u8],
+    dialer: &Hello,
+    acceptor: &Hello,
+    from_dialer: bool,
+    got: &[u8],
+) -> bool {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(b"fragvisor-auth-v1");
     mac.update(&dialer.encode());
@@ -215,7 +226,12 @@ pub fn write_frame(w: &mut impl Write, channel: u8, payload: &[u8]) -> io::Resul
 }
 
 /// Reads exactly `buf.len()` bytes; a close mid-way is `Truncated`.
-pub fn read_full(r: &mut impl Read, buf: &mut [u8], want_total: usize, already: usize) -> Result<(), HandshakeError> {
+pub fn read_full(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    want_total: usize,
+    already: usize,
+) -> Result<(), HandshakeError> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
@@ -252,7 +268,9 @@ pub fn read_handshake_frame(r: &mut impl Read) -> Result<(u8, Vec<u8>), Handshak
     let channel = body[0];
     let payload = body.split_off(1);
     if channel == CH_REJECT {
-        return Err(HandshakeError::Rejected(String::from_utf8_lossy(&payload).into_owned()));
+        return Err(HandshakeError::Rejected(
+            String::from_utf8_lossy(&payload).into_owned(),
+        ));
     }
     Ok((channel, payload))
 }
@@ -261,7 +279,9 @@ pub fn read_handshake_frame(r: &mut impl Read) -> Result<(u8, Vec<u8>), Handshak
 pub fn expect_frame(r: &mut impl Read, channel: u8, what: &str) -> Result<Vec<u8>, HandshakeError> {
     let (ch, payload) = read_handshake_frame(r)?;
     if ch != channel {
-        return Err(HandshakeError::Malformed(format!("expected {what}, got a frame on channel {ch:#x}")));
+        return Err(HandshakeError::Malformed(format!(
+            "expected {what}, got a frame on channel {ch:#x}"
+        )));
     }
     Ok(payload)
 }
@@ -292,7 +312,11 @@ impl Expect {
                 id: h.node_id,
                 nodes: h.nodes,
                 ours: self.nodes,
-                expected: format!("an id in {}..{} (higher ids dial lower ones)", self.local + 1, self.nodes),
+                expected: format!(
+                    "an id in {}..{} (higher ids dial lower ones)",
+                    self.local + 1,
+                    self.nodes
+                ),
             });
         }
         Ok(())
@@ -324,7 +348,12 @@ pub fn send_reject(w: &mut impl Write, reason: &str) {
 }
 
 /// Runs the dialer's side over a connected stream.
-pub fn dial(s: &mut (impl Read + Write), key: &[u8], exp: &Expect, peer: NodeId) -> Result<(), HandshakeError> {
+pub fn dial(
+    s: &mut (impl Read + Write),
+    key: &[u8],
+    exp: &Expect,
+    peer: NodeId,
+) -> Result<(), HandshakeError> {
     let mine = Hello::new(exp.cluster_id, exp.local, exp.nodes as u16);
     write_frame(s, CH_HELLO, &mine.encode())?;
     let theirs = Hello::decode(&expect_frame(s, CH_HELLO, "hello")?)?;
@@ -342,7 +371,11 @@ pub fn dial(s: &mut (impl Read + Write), key: &[u8], exp: &Expect, peer: NodeId)
 }
 
 /// Runs the acceptor's side; returns the authenticated dialer's node id.
-pub fn accept(s: &mut (impl Read + Write), key: &[u8], exp: &Expect) -> Result<NodeId, HandshakeError> {
+pub fn accept(
+    s: &mut (impl Read + Write),
+    key: &[u8],
+    exp: &Expect,
+) -> Result<NodeId, HandshakeError> {
     let first = expect_frame(s, CH_HELLO, "hello");
     let theirs = match first.and_then(|b| Hello::decode(&b)) {
         Ok(h) => h,
@@ -411,7 +444,16 @@ mod tests {
         let mut e = exp(1);
         e.cluster_id = 7;
         let (d, a) = run_pair(b"k", b"k", e);
-        assert!(matches!(a, Err(HandshakeError::Cluster { theirs: 7, ours: 42 })), "{a:?}");
+        assert!(
+            matches!(
+                a,
+                Err(HandshakeError::Cluster {
+                    theirs: 7,
+                    ours: 42
+                })
+            ),
+            "{a:?}"
+        );
         assert!(d.unwrap_err().to_string().contains("cluster id 0x7"));
     }
 
@@ -419,14 +461,23 @@ mod tests {
     fn wrong_version_and_magic_are_named() {
         let mut h = Hello::new(1, 1, 2).encode();
         h[8] = 9;
-        assert!(matches!(Hello::decode(&h), Err(HandshakeError::Version { theirs: 9 })));
-        assert!(matches!(Hello::decode(b"GET / HTTP/1.1"), Err(HandshakeError::BadMagic(_))));
+        assert!(matches!(
+            Hello::decode(&h),
+            Err(HandshakeError::Version { theirs: 9 })
+        ));
+        assert!(matches!(
+            Hello::decode(b"GET / HTTP/1.1"),
+            Err(HandshakeError::BadMagic(_))
+        ));
     }
 
     #[test]
     fn oversized_and_truncated_frames_are_refused() {
         let mut big: &[u8] = &[0xff, 0xff, 0xff, 0x7f, 1, 2, 3];
-        assert!(matches!(read_handshake_frame(&mut big), Err(HandshakeError::Oversized { .. })));
+        assert!(matches!(
+            read_handshake_frame(&mut big),
+            Err(HandshakeError::Oversized { .. })
+        ));
         let mut short: &[u8] = &[10, 0, 0, 0, CH_HELLO, 1, 2];
         assert!(matches!(
             read_handshake_frame(&mut short),

@@ -49,7 +49,9 @@ impl std::fmt::Display for PeerDown {
         match self {
             PeerDown::Left => write!(f, "left the cluster"),
             PeerDown::Disconnected(e) => write!(f, "connection lost: {e}"),
-            PeerDown::Silent(t) => write!(f, "no message or heartbeat for {:.1} s", t.as_secs_f64()),
+            PeerDown::Silent(t) => {
+                write!(f, "no message or heartbeat for {:.1} s", t.as_secs_f64())
+            }
             PeerDown::ProtocolError(e) => write!(f, "protocol error: {e}"),
         }
     }

@@ -41,7 +41,9 @@ pub struct TcpTransport {
 
 impl std::fmt::Debug for TcpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpTransport").field("node", &self.inner.cfg.node_id).finish()
+        f.debug_struct("TcpTransport")
+            .field("node", &self.inner.cfg.node_id)
+            .finish()
     }
 }
 
@@ -76,12 +78,17 @@ struct OutQueue {
 impl TcpTransport {
     /// Listens on this node's address, connects to every peer and waits until
     /// the whole mesh is up (or `connect_timeout` passes, or a peer refuses us).
-    pub fn connect(cfg: &ClusterConfig, sink: Arc<dyn FrameSink>) -> Result<Arc<TcpTransport>, TransportError> {
+    pub fn connect(
+        cfg: &ClusterConfig,
+        sink: Arc<dyn FrameSink>,
+    ) -> Result<Arc<TcpTransport>, TransportError> {
         let me = cfg.node_id;
         let n = cfg.nodes();
-        let listener = TcpListener::bind(cfg.addrs[usize::from(me)]).map_err(|source| TransportError::Listen {
-            addr: cfg.addrs[usize::from(me)],
-            source,
+        let listener = TcpListener::bind(cfg.addrs[usize::from(me)]).map_err(|source| {
+            TransportError::Listen {
+                addr: cfg.addrs[usize::from(me)],
+                source,
+            }
         })?;
         let inner = Arc::new(Inner {
             cfg: cfg.clone(),
@@ -226,7 +233,10 @@ impl Inner {
                 Err(e) => {
                     drop(q);
                     self.link_failed(link, PeerDown::Disconnected(e.to_string()));
-                    return Err(TransportError::Send { peer: to, source: e });
+                    return Err(TransportError::Send {
+                        peer: to,
+                        source: e,
+                    });
                 }
             };
             if sent == len + 4 {
@@ -246,7 +256,9 @@ impl Inner {
     }
 
     fn accept_loop(self: Arc<Self>, listener: TcpListener) {
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         while !self.stopping.load(Ordering::Acquire) {
             match listener.accept() {
                 Ok((stream, from)) => {
@@ -255,7 +267,9 @@ impl Inner {
                         .name("fv-handshake".into())
                         .spawn(move || inner.accept_one(stream, from));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(20)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(20))
+                }
                 Err(e) => {
                     warn!(node = self.cfg.node_id, error = %e, "accept failed");
                     thread::sleep(Duration::from_millis(100));
@@ -274,7 +288,10 @@ impl Inner {
             Ok(peer) => {
                 if self.links[usize::from(peer)].get().is_some() {
                     self.refuse(from, &format!("node {peer} is already connected"));
-                    handshake::send_reject(&mut stream, &format!("node {peer} is already connected"));
+                    handshake::send_reject(
+                        &mut stream,
+                        &format!("node {peer} is already connected"),
+                    );
                     return;
                 }
                 self.install(peer, stream);
@@ -328,7 +345,9 @@ impl Inner {
                     self.install(peer, stream);
                     return Ok(());
                 }
-                Err(HandshakeError::Rejected(reason)) => return Err(TransportError::Refused { peer, reason }),
+                Err(HandshakeError::Rejected(reason)) => {
+                    return Err(TransportError::Refused { peer, reason })
+                }
                 Err(source @ (HandshakeError::Io(_) | HandshakeError::Truncated { .. })) => {
                     // The peer restarted or closed early: retry until the deadline.
                     if Instant::now() >= deadline {
@@ -392,7 +411,8 @@ impl Inner {
                 Err(PeerDown::Silent(_)) => break PeerDown::Silent(self.cfg.peer_timeout),
                 Err(e) => break e,
             }
-            self.bytes_received.fetch_add(body.len() as u64 + 4, Ordering::Relaxed);
+            self.bytes_received
+                .fetch_add(body.len() as u64 + 4, Ordering::Relaxed);
             let ch = body[0];
             if ch == channel::LINK {
                 match body.get(1) {
@@ -500,8 +520,16 @@ impl Inner {
 
 fn describe(e: &HandshakeError) -> String {
     match e {
-        HandshakeError::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            format!("handshake timed out after {} s", HANDSHAKE_TIMEOUT.as_secs())
+        HandshakeError::Io(io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            format!(
+                "handshake timed out after {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )
         }
         e => e.to_string(),
     }
@@ -513,7 +541,9 @@ fn read_frame(r: &mut impl Read, body: &mut Vec<u8>, max: usize) -> Result<(), P
     read_exact(r, &mut hdr)?;
     let len = u32::from_le_bytes(hdr) as usize;
     if len == 0 || len > max {
-        return Err(PeerDown::ProtocolError(format!("frame length {len} outside 1..={max}")));
+        return Err(PeerDown::ProtocolError(format!(
+            "frame length {len} outside 1..={max}"
+        )));
     }
     body.resize(len, 0);
     read_exact(r, body)
@@ -547,7 +577,8 @@ fn send_dontwait(s: &TcpStream, hdr: &[u8], payload: &[u8]) -> io::Result<usize>
     loop {
         // SAFETY: `msg` points at two iovecs over live buffers that the kernel
         // only reads.
-        let r = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        let r =
+            unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
         if r >= 0 {
             return Ok(r as usize);
         }
@@ -564,7 +595,14 @@ fn send_dontwait(s: &TcpStream, hdr: &[u8], payload: &[u8]) -> io::Result<usize>
 fn write_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: writing from a live buffer of `buf.len()` bytes.
-        let r = unsafe { libc::send(s.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        let r = unsafe {
+            libc::send(
+                s.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {

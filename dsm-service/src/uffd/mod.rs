@@ -90,7 +90,9 @@ impl Uffd {
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EINVAL) {
-                return Err(UffdError::MissingFeature("anonymous write-protect (Linux 5.7)"));
+                return Err(UffdError::MissingFeature(
+                    "anonymous write-protect (Linux 5.7)",
+                ));
             }
             return Err(UffdError::Ioctl {
                 op: "UFFDIO_API",
@@ -116,7 +118,9 @@ impl Uffd {
         self.ioctl("UFFDIO_REGISTER", sys::UFFDIO_REGISTER, &mut reg, addr, len)?;
         let needed = (1 << sys::_UFFDIO_COPY) | (1 << sys::_UFFDIO_WRITEPROTECT);
         if reg.ioctls & needed != needed {
-            return Err(UffdError::MissingFeature("UFFDIO_COPY/UFFDIO_WRITEPROTECT on this range"));
+            return Err(UffdError::MissingFeature(
+                "UFFDIO_COPY/UFFDIO_WRITEPROTECT on this range",
+            ));
         }
         Ok(())
     }
@@ -124,7 +128,13 @@ impl Uffd {
     /// Unregisters a range.
     pub fn unregister(&self, addr: u64, len: u64) -> Result<(), UffdError> {
         let mut range = sys::UffdioRange { start: addr, len };
-        self.ioctl("UFFDIO_UNREGISTER", sys::UFFDIO_UNREGISTER, &mut range, addr, len)
+        self.ioctl(
+            "UFFDIO_UNREGISTER",
+            sys::UFFDIO_UNREGISTER,
+            &mut range,
+            addr,
+            len,
+        )
     }
 
     /// Installs `src` (whole pages) at `dst`, write-protected when `wp`, and
@@ -143,15 +153,25 @@ impl Uffd {
             copy: 0,
         };
         loop {
-            match self.ioctl("UFFDIO_COPY", sys::UFFDIO_COPY, &mut copy, dst, src.len() as u64) {
+            match self.ioctl(
+                "UFFDIO_COPY",
+                sys::UFFDIO_COPY,
+                &mut copy,
+                dst,
+                src.len() as u64,
+            ) {
                 Ok(()) => return Ok(CopyOutcome::Copied),
-                Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
+                Err(UffdError::Ioctl { source, .. })
+                    if source.raw_os_error() == Some(libc::EEXIST) =>
+                {
                     // Another copy won the race (or a duplicate event): the
                     // page is there; make sure nobody keeps sleeping on it.
                     self.wake(dst, src.len() as u64)?;
                     return Ok(CopyOutcome::AlreadyPresent);
                 }
-                Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EAGAIN) => {
+                Err(UffdError::Ioctl { source, .. })
+                    if source.raw_os_error() == Some(libc::EAGAIN) =>
+                {
                     // A concurrent change of the mapping; the kernel asks us
                     // to retry (it reports progress in `copy` for partial
                     // copies, which we redo in full: it is idempotent).
@@ -169,11 +189,23 @@ impl Uffd {
         check_aligned(addr, len)?;
         let mut wp = sys::UffdioWriteprotect {
             range: sys::UffdioRange { start: addr, len },
-            mode: if protect { sys::UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+            mode: if protect {
+                sys::UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
         };
         loop {
-            match self.ioctl("UFFDIO_WRITEPROTECT", sys::UFFDIO_WRITEPROTECT, &mut wp, addr, len) {
-                Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EAGAIN) => {
+            match self.ioctl(
+                "UFFDIO_WRITEPROTECT",
+                sys::UFFDIO_WRITEPROTECT,
+                &mut wp,
+                addr,
+                len,
+            ) {
+                Err(UffdError::Ioctl { source, .. })
+                    if source.raw_os_error() == Some(libc::EAGAIN) =>
+                {
                     std::thread::yield_now();
                 }
                 r => return r,
@@ -222,7 +254,14 @@ impl Uffd {
         Ok(())
     }
 
-    fn ioctl<T>(&self, op: &'static str, req: u64, arg: &mut T, addr: u64, len: u64) -> Result<(), UffdError> {
+    fn ioctl<T>(
+        &self,
+        op: &'static str,
+        req: u64,
+        arg: &mut T,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), UffdError> {
         // SAFETY: every caller passes the struct type that matches `req`
         // (checked against the kernel ABI in `sys`), borrowed for the call.
         let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, arg as *mut T) };
@@ -331,7 +370,10 @@ mod tests {
                 )
             };
             assert_ne!(p, libc::MAP_FAILED);
-            Map { addr: p as u64, len }
+            Map {
+                addr: p as u64,
+                len,
+            }
         }
     }
     impl Drop for Map {
@@ -375,14 +417,28 @@ mod tests {
             d2.store(true, Ordering::SeqCst);
         });
         let f = next_fault(&uffd);
-        assert_eq!(f, Fault { addr, write: false, wp: false });
+        assert_eq!(
+            f,
+            Fault {
+                addr,
+                write: false,
+                wp: false
+            }
+        );
         let mut page = vec![0u8; PAGE_SIZE];
         page[0] = 7;
         // SAFETY: the destination is in the registered range.
         let out = unsafe { uffd.copy(addr, &page, true) }.unwrap();
         assert_eq!(out, CopyOutcome::Copied);
         let f = next_fault(&uffd);
-        assert_eq!(f, Fault { addr, write: true, wp: true });
+        assert_eq!(
+            f,
+            Fault {
+                addr,
+                write: true,
+                wp: true
+            }
+        );
         assert!(!done.load(Ordering::SeqCst));
         uffd.write_protect(addr, PAGE_SIZE as u64, false).unwrap();
         t.join().unwrap();

@@ -96,12 +96,21 @@ pub struct UffdMsg {
 }
 
 pub const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x3F, size_of::<UffdioApi>());
-pub const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x00, size_of::<UffdioRegister>());
+pub const UFFDIO_REGISTER: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0xAA,
+    0x00,
+    size_of::<UffdioRegister>(),
+);
 pub const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0xAA, 0x01, size_of::<UffdioRange>());
 pub const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0xAA, 0x02, size_of::<UffdioRange>());
 pub const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x03, size_of::<UffdioCopy>());
-pub const UFFDIO_WRITEPROTECT: u64 =
-    ioc(IOC_READ | IOC_WRITE, 0xAA, 0x06, size_of::<UffdioWriteprotect>());
+pub const UFFDIO_WRITEPROTECT: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0xAA,
+    0x06,
+    size_of::<UffdioWriteprotect>(),
+);
 
 use std::mem::size_of;
 

@@ -1,1 +1,18 @@
 //! FragVisor accelerator logic that is not QEMU glue.
+//!
+//! The patched QEMU (`qemu-patches/`) stays thin: it collects the `-accel
+//! fragvisor,...` / `-accel fragvisor-tcg,...` options as strings and hands
+//! them to this crate through the C ABI in `ffi/`. Everything that decides
+//! something lives here, where it is unit-tested:
+//!
+//! - [`config`]: the accelerator options (`nodes`, `node-id`, `peers`, `key`,
+//!   `key-file`), their parsing and the cross-field validation;
+//! - [`placement`]: which cluster node runs which vCPU.
+
+pub mod config;
+pub mod placement;
+
+pub use config::{
+    ClusterConfig, ClusterKey, ConfigBuilder, ConfigError, Engine, OptionSpec, PeerAddr, OPTIONS,
+};
+pub use placement::{PlacementError, VcpuPlacement};

@@ -158,7 +158,7 @@ pub enum DsmError {
 /// One node of the DSM.
 pub struct DsmNode {
     engine: Arc<Engine>,
-    uffd_thread: Option<JoinHandle<()>>,
+    uffd_thread: Mutex<Option<JoinHandle<()>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -193,6 +193,9 @@ struct LocalShard {
 struct DirEntry {
     dir: DirState,
     busy: Option<NodeId>,
+    /// Boxed so that an entry stays small: there is one per page, and few
+    /// pages ever have a queue.
+    #[allow(clippy::box_collection)]
     queue: Option<Box<VecDeque<(NodeId, Access)>>>,
 }
 
@@ -377,7 +380,7 @@ impl DsmNode {
         };
         let node = DsmNode {
             engine,
-            uffd_thread: Some(uffd_thread),
+            uffd_thread: Mutex::new(Some(uffd_thread)),
             stop,
         };
         node.barrier()?;
@@ -434,9 +437,9 @@ impl DsmNode {
     /// Stops the fault thread and leaves the cluster cleanly. The regions
     /// stay registered: a touch of a page this node does not hold blocks
     /// rather than reading stale or zero memory.
-    pub fn shutdown(&mut self) {
+    pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.uffd_thread.take() {
+        if let Some(t) = self.uffd_thread.lock().expect("lock").take() {
             let _ = t.join();
         }
         if let Some(t) = self.engine.transport.get() {
@@ -617,7 +620,7 @@ impl Engine {
                 .ok_or_else(|| format!("control message of {} bytes is truncated", p.len()))
         };
         match p.first() {
-            Some(&CTL_TOUCHED) if from == 0 && p.len() >= 2 && (p.len() - 2) % 16 == 0 => {
+            Some(&CTL_TOUCHED) if from == 0 && p.len() >= 2 && (p.len() - 2).is_multiple_of(16) => {
                 let ranges: Vec<(u64, u64)> = p[2..]
                     .chunks_exact(16)
                     .map(|c| {

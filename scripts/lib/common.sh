@@ -34,3 +34,17 @@ fv_need_cargo() {
     fi
     command -v cargo >/dev/null 2>&1 || fv_die "cargo not found: install a Rust toolchain (rustup) first"
 }
+
+# fv_apt_install, retried while another apt/dpkg run holds the lock.
+fv_apt_install_retry() {
+    local i
+    for i in 1 2 3 4 5 6 7 8 9 10 11 12; do
+        (fv_apt_install "$@") && return 0
+        fv_log "apt-get failed (dpkg lock busy?); retry $i in 10 s"
+        sleep 10
+    done
+    fv_die "could not install: $*"
+}
+
+# Print the sha256 of stdin.
+fv_sha256() { sha256sum | cut -d' ' -f1; }

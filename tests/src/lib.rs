@@ -147,15 +147,37 @@ fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
 
 /// Run the patched QEMU with `args`, killing it after `timeout`.
 pub fn run_qemu<S: AsRef<std::ffi::OsStr>>(args: &[S], timeout: Duration) -> QemuRun {
+    run_qemu_with_input(args, None, timeout)
+}
+
+/// Like [`run_qemu`], writing `input` to QEMU's stdin (e.g. monitor
+/// commands with `-monitor stdio`).
+pub fn run_qemu_with_input<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    input: Option<&str>,
+    timeout: Duration,
+) -> QemuRun {
     let qemu = qemu_binary();
     let start = Instant::now();
     let mut child = Command::new(&qemu)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", qemu.display()));
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        let text = text.to_string();
+        // QEMU may exit before reading everything; a write error is fine.
+        thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(text.as_bytes());
+        });
+    }
     let out = drain(child.stdout.take().expect("piped stdout"));
     let err = drain(child.stderr.take().expect("piped stderr"));
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use fragvisor_e2e::{base_args, run_qemu, test_kernel};
+use fragvisor_e2e::{base_args, run_qemu, run_qemu_with_input, test_kernel};
 
 /// isa-debug-exit turns the kernel's PASS (0x10) into exit code 33.
 const PASS_EXIT: i32 = (0x10 << 1) | 1;
@@ -63,4 +63,51 @@ fn test_kernel_powers_off_cleanly() {
     let run = run_test_kernel(&[]);
     assert_eq!(run.code(), 0, "{}", run.transcript());
     run.assert_stdout_has(PASS_MARKERS);
+}
+
+#[test]
+fn vcpus_get_qemu_userspace_apic() {
+    require_kvm();
+    let args = [
+        "-machine",
+        "q35",
+        "-accel",
+        "fragvisor,nodes=1",
+        "-smp",
+        "2",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-monitor",
+        "stdio",
+    ];
+    let run = run_qemu_with_input(
+        &args,
+        Some("info qom-tree\nquit\n"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(run.code(), 0, "{}", run.transcript());
+    let lapics: Vec<&str> = run
+        .stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("/lapic "))
+        .collect();
+    assert_eq!(
+        lapics,
+        ["/lapic (apic)", "/lapic (apic)"],
+        "expected QEMU's userspace APIC on both vCPUs\n{}",
+        run.transcript()
+    );
+    assert!(
+        run.stdout.contains("/ioapic (ioapic)"),
+        "expected the userspace IOAPIC\n{}",
+        run.transcript()
+    );
+    assert!(
+        !run.stdout.contains("kvmvapic"),
+        "the vapic ROM should be off\n{}",
+        run.transcript()
+    );
 }

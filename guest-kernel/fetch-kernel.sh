@@ -60,8 +60,10 @@ if [ ! -f "$dest/vmlinuz" ]; then
     fv_log "downloading $pkg $ver"
     tmp=$(mktemp -d "$kcache/.dl.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
-    chmod 755 "$tmp"   # apt's _apt user must be able to write here (sandboxed download)
-    (cd "$tmp" && apt-get download -qq "$pkg=$ver" >&2) || fv_die "apt-get download $pkg=$ver failed"
+    sandbox=()
+    # The cache usually lives under root's home, which apt's _apt user cannot write.
+    [ "$(id -u)" -eq 0 ] && sandbox=(-o APT::Sandbox::User=root)
+    (cd "$tmp" && apt-get download -qq "${sandbox[@]}" "$pkg=$ver" >&2) || fv_die "apt-get download $pkg=$ver failed"
     deb=$(ls "$tmp"/*.deb)
     mkdir -p "$tmp/x"
     dpkg-deb -x "$deb" "$tmp/x"

@@ -3,8 +3,8 @@
  * AP real-mode trampoline. 32-bit protected mode, no paging.
  * Loaded by QEMU's multiboot v1 loader (-kernel fvtest.elf).
  *
- * Only plain instructions (mov, push/pop, lgdt/lidt, ljmp, iret, in/out,
- * cli/sti, hlt): this code must run through KVM's instruction emulator.
+ * Only plain instructions (mov, push/pop, popf, lgdt/lidt, ljmp, ret, in/out,
+ * cli/sti, hlt; no IRET in protected mode): this code must run through KVM's instruction emulator.
  */
 #define MB_MAGIC 0x1BADB002
 #define MB_FLAGS 0x00000003 /* page-align modules, give memory info */
@@ -107,7 +107,21 @@ isr_common:
     addl $4, %esp
     popal
     addl $8, %esp                   /* vector, error code */
-    iret
+    /*
+     * Return without IRET: KVM's instruction emulator implements IRET only in
+     * real mode, and on this machine's /dev/kvm all guest kernel code runs
+     * through it. Same privilege level and CS never changes, so rewrite the
+     * frame [eip, cs, eflags] into [eflags, eip, x] and do popfl; ret $4.
+     * An interrupt taken between popfl and ret nests below us harmlessly.
+     */
+    pushl %eax
+    movl 4(%esp), %eax              /* eip */
+    movl %eax, 8(%esp)              /* -> cs slot */
+    movl 12(%esp), %eax             /* eflags */
+    movl %eax, 4(%esp)              /* -> eip slot */
+    popl %eax
+    popfl
+    ret $4
 
     .section .rodata
     .align 4

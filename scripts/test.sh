@@ -15,7 +15,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "unit, model-checking and multi-process tests"
-cargo test --release --workspace --no-fail-fast
+cargo test --release --no-fail-fast
 
 if [ -x scripts/ci-rdma-deps.sh ]; then
     step "RDMA transport (feature rdma): build, lints, tests"

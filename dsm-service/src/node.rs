@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 use crate::cluster::{ClusterConfig, ConfigError};
-use crate::coherence::messages::{Decoder, GrantData, Msg};
+use crate::coherence::messages::{decode_all, GrantData, Msg};
 use crate::coherence::{bit, decide, Access, DataSource, DirState, LocalState};
 use crate::home::HomeMap;
 use crate::space::{AddressSpace, SpaceError};
@@ -171,7 +171,6 @@ impl std::fmt::Debug for DsmNode {
 }
 
 struct Pending {
-    write: bool,
     prefetch: bool,
     t0: Instant,
     grant: Option<(LocalState, u8)>,
@@ -207,9 +206,19 @@ struct Control {
 
 #[derive(Default)]
 struct Stream {
+    /// First page after the stream's last requested page.
     next: u64,
+    /// Pages per batch (0: no stream).
     window: u64,
+    /// First page of the last batch requested.
+    batch_start: u64,
+    /// The last page a thread of this node waited for in the stream.
+    last_demand: u64,
 }
+
+/// How far (in pages) a sequential stream may run ahead of the last page a
+/// thread waited for.
+const LOOKAHEAD_BATCHES: u64 = 16;
 
 const PEER_ALIVE: u8 = 0;
 const PEER_LEFT: u8 = 1;
@@ -242,6 +251,11 @@ pub(crate) struct Engine {
 struct Outbox {
     bufs: Vec<Vec<u8>>,
     local: VecDeque<Msg<'static>>,
+    /// Direct grants `(requester, page)` waiting to be on the wire; their
+    /// pages stay busy until then.
+    direct: Vec<(NodeId, u64)>,
+    /// Prefetched pages installed in this batch.
+    landed: Vec<u64>,
 }
 
 fn shard(page: u64) -> (usize, usize) {
@@ -685,7 +699,6 @@ impl Engine {
             for f in &faults {
                 self.on_fault(*f, t0, &mut out);
             }
-            self.run_local(&mut out);
             self.flush(&mut out);
         }
     }
@@ -713,9 +726,13 @@ impl Engine {
                 return;
             }
             if sh.pending.contains_key(&page) {
+                drop(sh);
+                if !write {
+                    self.stream_demand(page);
+                }
                 return;
             }
-            sh.pending.insert(page, Pending::new(write, false, t0));
+            sh.pending.insert(page, Pending::new(false, t0));
             if st == LocalState::Shared {
                 Stats::bump(&self.stats.upgrades);
             } else if write {
@@ -730,27 +747,71 @@ impl Engine {
         }
     }
 
-    /// Sequential read streams: a fault right after the previous window
-    /// doubles the window (up to `prefetch_max`) and requests that many
-    /// following pages; any other fault resets it.
+    /// Sequential read streams. A read fault at the page right after the
+    /// stream (or inside it) doubles the batch (up to `prefetch_max`) and
+    /// requests the next batch; any other fault ends the stream. While the
+    /// stream is on, each batch that lands requests the next one
+    /// ([`Engine::continue_stream`]), up to [`LOOKAHEAD_BATCHES`] batches
+    /// ahead of the last page a thread waited for, so the transfer is
+    /// pipelined rather than one round trip per batch.
     fn prefetch_after(&self, page: u64, out: &mut Outbox) {
         if self.prefetch_max == 0 {
             return;
         }
-        let window = {
+        let (start, window) = {
             let mut st = self.stream.lock().expect("lock");
-            let sequential = page == st.next || (page < st.next && page + st.window >= st.next);
-            st.window = if sequential {
-                (st.window * 2).clamp(4, self.prefetch_max)
+            // Strictly forward: a page faulted again (a write or a spin
+            // loop on a moving page) is no stream.
+            let sequential =
+                st.window > 0 && page > st.last_demand && page <= st.next || page == st.next;
+            st.last_demand = page;
+            if sequential {
+                st.window = (st.window * 2).clamp(4, self.prefetch_max);
+                let start = st.next.max(page + 1);
+                st.batch_start = start;
+                st.next = start + st.window;
+                (start, st.window)
             } else {
-                0
-            };
-            st.next = page + st.window + 1;
-            st.window
+                st.window = 0;
+                st.next = page + 1;
+                return;
+            }
         };
+        self.request_batch(page, start, window, out);
+    }
+
+    /// A thread waits for a page the stream already requested: the stream
+    /// is being consumed, let it run further.
+    fn stream_demand(&self, page: u64) {
+        let mut st = self.stream.lock().expect("lock");
+        if st.window > 0 && page > st.last_demand && page < st.next {
+            st.last_demand = page;
+        }
+    }
+
+    /// A prefetched page landed: when it is the first of the stream's last
+    /// batch, request the next batch.
+    fn continue_stream(&self, landed: u64, out: &mut Outbox) {
+        let (start, window) = {
+            let mut st = self.stream.lock().expect("lock");
+            if st.window == 0
+                || landed != st.batch_start
+                || st.next > st.last_demand + LOOKAHEAD_BATCHES * st.window
+            {
+                return;
+            }
+            let start = st.next;
+            st.batch_start = start;
+            st.next = start + st.window;
+            (start, st.window)
+        };
+        self.request_batch(landed, start, window, out);
+    }
+
+    fn request_batch(&self, anchor: u64, start: u64, window: u64, out: &mut Outbox) {
         let t0 = Instant::now();
-        for q in page + 1..=page + window {
-            if !self.space.same_region(page, q) {
+        for q in start..start + window {
+            if !self.space.same_region(anchor, q) {
                 break;
             }
             let (s, i) = shard(q);
@@ -759,7 +820,7 @@ impl Engine {
                 if sh.state[i] != LocalState::Invalid as u8 || sh.pending.contains_key(&q) {
                     continue;
                 }
-                sh.pending.insert(q, Pending::new(false, true, t0));
+                sh.pending.insert(q, Pending::new(true, t0));
             }
             Stats::bump(&self.stats.prefetched);
             self.request(q, false, true, out);
@@ -803,14 +864,37 @@ impl Engine {
         }
     }
 
+    /// Handles the local messages, sends every buffered frame, then ends the
+    /// direct-grant transactions those frames carried (which may start queued
+    /// ones, so it repeats until nothing is left).
     fn flush(&self, out: &mut Outbox) {
-        for to in 0..self.nodes {
-            if !out.bufs[to].is_empty() {
-                let buf = std::mem::take(&mut out.bufs[to]);
-                self.send_buf(to as NodeId, &buf);
-                out.bufs[to] = buf;
-                out.bufs[to].clear();
+        loop {
+            self.run_local(out);
+            for to in 0..self.nodes as NodeId {
+                self.flush_to(out, to);
             }
+            for q in std::mem::take(&mut out.landed) {
+                self.continue_stream(q, out);
+            }
+            if out.direct.is_empty() && out.local.is_empty() && out.bufs.iter().all(Vec::is_empty) {
+                break;
+            }
+            for (r, page) in std::mem::take(&mut out.direct) {
+                if let Err(e) = self.on_done(r, page, out) {
+                    self.fatal(format!("ending a direct grant failed: {e}"));
+                }
+            }
+        }
+    }
+
+    fn flush_to(&self, out: &mut Outbox, to: NodeId) {
+        let b = &mut out.bufs[usize::from(to)];
+        if !b.is_empty() {
+            let buf = std::mem::take(b);
+            self.send_buf(to, &buf);
+            let b = &mut out.bufs[usize::from(to)];
+            *b = buf;
+            b.clear();
         }
     }
 
@@ -878,14 +962,10 @@ impl Engine {
         let (s, i) = shard(page);
         let mut dir = self.dir[s].lock().expect("lock");
         let e = &mut dir[i];
-        if e.busy.is_some() {
-            e.queue
-                .get_or_insert_with(Default::default)
-                .push_back((r, access));
-            return Ok(());
-        }
-        e.busy = Some(r);
-        self.run_transaction(page, e, r, access, out)
+        e.queue
+            .get_or_insert_with(Default::default)
+            .push_back((r, access));
+        self.drain_queue(page, e, out)
     }
 
     fn on_done(&self, from: NodeId, page: u64, out: &mut Outbox) -> Result<(), String> {
@@ -898,7 +978,15 @@ impl Engine {
             ));
         }
         e.busy = None;
-        let next = e.queue.as_mut().and_then(|q| q.pop_front());
+        self.drain_queue(page, e, out)
+    }
+
+    /// Starts the next queued request of a page that is not busy.
+    fn drain_queue(&self, page: u64, e: &mut DirEntry, out: &mut Outbox) -> Result<(), String> {
+        let next = match e.busy {
+            None => e.queue.as_mut().and_then(|q| q.pop_front()),
+            Some(_) => None,
+        };
         if e.queue.as_ref().is_some_and(|q| q.is_empty()) {
             e.queue = None;
         }
@@ -940,12 +1028,14 @@ impl Engine {
             DataSource::Zero => GrantData::Zero,
             DataSource::Node(x) if x == self.me => {
                 // The home supplies the page itself, inline in the grant.
-                return self.supply(page, r, plan.supplier_keeps, out, |bytes| Msg::Grant {
+                self.supply(page, r, plan.supplier_keeps, out, |bytes| Msg::Grant {
                     page,
                     mode: plan.mode,
                     data: GrantData::Inline(bytes),
                     acks,
-                });
+                })?;
+                Self::note_direct(out, r, page, acks);
+                return Ok(());
             }
             DataSource::Node(x) => {
                 self.emit(
@@ -971,8 +1061,20 @@ impl Engine {
             out.local.push_back(grant);
         } else {
             self.emit(out, r, &grant);
+            Self::note_direct(out, r, page, acks);
         }
         Ok(())
+    }
+
+    /// A grant to remote `r` with `acks == 0` is *direct*: the requester
+    /// sends no `Done`. The page stays busy until the grant is on the wire
+    /// (see [`Engine::flush`]), so that whatever a later transaction sends
+    /// `r` about this page — from any thread of this node — follows it on the
+    /// link.
+    fn note_direct(out: &mut Outbox, r: NodeId, page: u64, acks: u16) {
+        if acks == 0 {
+            out.direct.push((r, page));
+        }
     }
 
     /// Supplies this node's copy of `page` to `to` in the message `make`
@@ -1114,9 +1216,6 @@ impl Engine {
             .ok_or_else(|| format!("data/ack for page {page}, which this node did not request"))?;
         p.acks_got += 1;
         let ready = p.grant.is_some() && p.acks_got >= p.acks_needed;
-        if bytes.is_some() {
-            Stats::bump(&self.stats.pages_received);
-        }
         if !ready {
             if let Some(b) = bytes {
                 p.data = Some(b.into());
@@ -1143,7 +1242,10 @@ impl Engine {
         let wp = mode == LocalState::Shared;
         let data: Option<&[u8]> = match kind {
             GRANT_ZERO => Some(&ZERO_PAGE),
-            GRANT_DATA => Some(bytes.or(p.data.as_deref()).ok_or("data missing")?),
+            GRANT_DATA => {
+                Stats::bump(&self.stats.pages_received);
+                Some(bytes.or(p.data.as_deref()).ok_or("data missing")?)
+            }
             _ => None,
         };
         match data {
@@ -1173,19 +1275,148 @@ impl Engine {
                 .map_err(|e| e.to_string())?,
         }
         sh.state[i] = mode as u8;
-        if !p.prefetch {
+        if p.prefetch {
+            out.landed.push(page);
+        } else {
             self.stats
                 .fault_latency
                 .record(p.t0.elapsed().as_nanos() as u64);
         }
-        let _ = p.write;
-        if self.homes.home(page) == self.me {
+        let home = self.homes.home(page);
+        if home == self.me {
             Stats::bump(&self.stats.local_faults);
             out.local.push_back(Msg::Done { page });
-        } else {
-            self.emit(out, self.homes.home(page), &Msg::Done { page });
+        } else if p.acks_needed > 0 {
+            self.emit(out, home, &Msg::Done { page });
+        }
+        // else: a direct grant; the home already considers it done.
+        Ok(())
+    }
+
+    /// Handles one coherence frame; a malformed frame is refused whole.
+    fn on_coherence_frame(
+        &self,
+        from: NodeId,
+        payload: &[u8],
+        out: &mut Outbox,
+    ) -> Result<(), String> {
+        let msgs = decode_all(payload).map_err(|e| e.to_string())?;
+        let mut i = 0;
+        while i < msgs.len() {
+            let run = self.direct_grant_run(from, &msgs[i..]);
+            if run >= 2 && self.install_run(&msgs[i..i + run], out)? {
+                i += run;
+                continue;
+            }
+            let urgent = matches!(
+                msgs[i],
+                Msg::Request {
+                    prefetch: false,
+                    ..
+                }
+            );
+            self.handle(from, msgs[i], out)?;
+            if urgent {
+                // Answer a demand fault before the prefetches that follow it.
+                self.flush(out);
+            }
+            i += 1;
         }
         Ok(())
+    }
+
+    /// How many messages at the head of `msgs` are direct grants with data
+    /// for consecutive pages of one region, in one mode (at most 256).
+    fn direct_grant_run(&self, from: NodeId, msgs: &[Msg<'_>]) -> usize {
+        let Some(&Msg::Grant {
+            page: first,
+            mode,
+            data: GrantData::Inline(_),
+            acks: 0,
+        }) = msgs.first()
+        else {
+            return 0;
+        };
+        if self.homes.home(first) != from {
+            return 0;
+        }
+        msgs.iter()
+            .take(256)
+            .enumerate()
+            .take_while(|&(k, m)| {
+                matches!(*m, Msg::Grant { page, mode: m2, data: GrantData::Inline(_), acks: 0 }
+                    if page == first + k as u64 && m2 == mode
+                        && self.space.same_region(first, page) && self.homes.home(page) == from)
+            })
+            .count()
+    }
+
+    /// Installs a run of direct grants with one `UFFDIO_COPY`. Returns false
+    /// (having changed nothing) when some page is not in the expected state;
+    /// the caller then handles the messages one by one.
+    fn install_run(&self, grants: &[Msg<'_>], out: &mut Outbox) -> Result<bool, String> {
+        let parts: Vec<(u64, LocalState, &[u8])> = grants
+            .iter()
+            .filter_map(|m| match *m {
+                Msg::Grant {
+                    page,
+                    mode,
+                    data: GrantData::Inline(b),
+                    ..
+                } => Some((page, mode, b)),
+                _ => None,
+            })
+            .collect();
+        // Phase 1: every page awaits exactly this grant. Nothing else can
+        // change them meanwhile: later messages about them come from their
+        // home over this same link, and are handled after this frame.
+        for &(page, _, _) in &parts {
+            let (s, i) = shard(page);
+            let sh = self.local[s].lock().expect("lock");
+            let ok = sh.state[i] == LocalState::Invalid as u8
+                && sh
+                    .pending
+                    .get(&page)
+                    .is_some_and(|p| p.grant.is_none() && p.acks_got == 0);
+            if !ok {
+                return Ok(false);
+            }
+        }
+        // Phase 2: one copy for the whole run.
+        let (first, mode) = (parts[0].0, parts[0].1);
+        let mut data = Vec::with_capacity(parts.len() * PAGE_SIZE);
+        for &(_, _, b) in &parts {
+            data.extend_from_slice(b);
+        }
+        let addr = self.space.addr_of(first);
+        // SAFETY: the run lies in one registered region (checked when the run
+        // was formed).
+        match unsafe { self.uffd.copy(addr, &data, mode == LocalState::Shared) } {
+            Ok(uffd::CopyOutcome::Copied) => {}
+            Ok(uffd::CopyOutcome::AlreadyPresent) => {
+                return Err(format!("pages {first}.. granted while already present"));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        if let Some(h) = &self.on_page_change {
+            h(addr, data.len() as u64);
+        }
+        // Phase 3: record.
+        for &(page, _, _) in &parts {
+            let (s, i) = shard(page);
+            let mut sh = self.local[s].lock().expect("lock");
+            sh.state[i] = mode as u8;
+            let p = sh.pending.remove(&page).expect("checked in phase 1");
+            if p.prefetch {
+                out.landed.push(page);
+            } else {
+                self.stats
+                    .fault_latency
+                    .record(p.t0.elapsed().as_nanos() as u64);
+            }
+        }
+        Stats::add(&self.stats.pages_received, parts.len() as u64);
+        Ok(true)
     }
 
     fn peer_down(&self, peer: NodeId, why: PeerDown) {
@@ -1210,9 +1441,8 @@ impl Engine {
 }
 
 impl Pending {
-    fn new(write: bool, prefetch: bool, t0: Instant) -> Pending {
+    fn new(prefetch: bool, t0: Instant) -> Pending {
         Pending {
-            write,
             prefetch,
             t0,
             grant: None,
@@ -1228,6 +1458,8 @@ impl Outbox {
         Outbox {
             bufs: (0..nodes).map(|_| Vec::new()).collect(),
             local: VecDeque::new(),
+            direct: Vec::new(),
+            landed: Vec::new(),
         }
     }
 }
@@ -1238,35 +1470,14 @@ impl FrameSink for Engine {
             channel::COHERENCE => {
                 Stats::add(&self.stats.bytes_received, payload.len() as u64);
                 let mut out = Outbox::new(self.nodes);
-                for m in Decoder::new(payload) {
-                    let r = m.map_err(|e| e.to_string()).and_then(|m| {
-                        let urgent = matches!(
-                            m,
-                            Msg::Request {
-                                prefetch: false,
-                                ..
-                            }
-                        );
-                        let r = self.handle(from, m, &mut out);
-                        if urgent {
-                            // Answer a demand fault before the prefetches
-                            // that follow it in the frame.
-                            self.run_local(&mut out);
-                            self.flush(&mut out);
-                        }
-                        r
-                    });
-                    if let Err(what) = r {
-                        warn!(node = self.me, peer = from, %what, "protocol error");
-                        eprintln!(
-                            "fragvisor-dsm: node {}: protocol error from node {from}: {what}",
-                            self.me
-                        );
-                        self.event(DsmEvent::ProtocolError { node: from, what });
-                        break;
-                    }
+                if let Err(what) = self.on_coherence_frame(from, payload, &mut out) {
+                    warn!(node = self.me, peer = from, %what, "protocol error");
+                    eprintln!(
+                        "fragvisor-dsm: node {}: protocol error from node {from}: {what}",
+                        self.me
+                    );
+                    self.event(DsmEvent::ProtocolError { node: from, what });
                 }
-                self.run_local(&mut out);
                 self.flush(&mut out);
             }
             channel::DSM_CONTROL => {

@@ -59,6 +59,10 @@ impl std::fmt::Display for PeerDown {
 
 /// Receives what a transport delivers. Called from the transport's receive
 /// threads; must not block for long.
+///
+/// Every transport guarantees that the frames from one peer are delivered in
+/// the order that peer sent them, one at a time (the coherence protocol's
+/// direct grants rely on it; see `coherence/PROTOCOL.md`).
 pub trait FrameSink: Send + Sync {
     /// A frame arrived from an authenticated peer on `channel`.
     fn on_frame(&self, from: NodeId, channel: u8, payload: &[u8]);

@@ -556,6 +556,15 @@ static void ap_command(uint32_t idx, uint32_t c, uint32_t arg)
 
 static int ap_wait(uint32_t idx) { return wait_eq(&done_seq[idx], cmd_seq[idx], 0); }
 
+/* The memory phase moves pages between hosts on a FragVisor cluster: allow 8x longer. */
+static int ap_wait_long(uint32_t idx)
+{
+    for (int i = 0; i < 8; i++)
+        if (ap_wait(idx))
+            return 1;
+    return 0;
+}
+
 static void start_ap(uint32_t idx)
 {
     uint32_t apic = apic_ids[idx];
@@ -693,7 +702,7 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
         ap_command(i, CMD_MEMTEST, 0);
     memtest(0);
     for (uint32_t i = 1; i < n; i++)
-        if (!ap_wait(i))
+        if (!ap_wait_long(i))
             fail("timeout: memtest on AP", i, 0);
     for (uint32_t i = 0; i < n; i++) {
         if (!mem_ok[i])

@@ -72,14 +72,30 @@ static uint32_t ncpu = 1;
 static uint8_t apic_ids[MAXCPU];
 static int16_t apic_to_idx[256];
 static volatile uint32_t ap_booting_idx;
-static volatile uint32_t online[MAXCPU];
-static volatile uint32_t ipi_recv[MAXCPU];     /* VEC_TO_AP / VEC_AP_AP receipts, per receiver */
-static volatile uint32_t bsp_recv_from[MAXCPU];/* VEC_TO_BSP receipts on the BSP, per sender */
+/*
+ * Per-CPU mailbox, one 4 KiB page each: on a FragVisor cluster every page a
+ * vCPU spins on moves between hosts through the DSM, so keep unrelated hot
+ * words (other CPUs' mailboxes, the shared counter, the print lock) apart.
+ */
+struct percpu {
+    volatile uint32_t online;
+    volatile uint32_t ipi_recv;      /* VEC_TO_AP / VEC_AP_AP receipts on this CPU */
+    volatile uint32_t bsp_recv_from; /* VEC_TO_BSP receipts on the BSP sent by this CPU */
+    volatile uint32_t cmd, cmd_arg, cmd_seq, done_seq;
+    volatile uint32_t mem_ok;
+} __attribute__((aligned(4096)));
+static struct percpu pcpu[MAXCPU];
+#define online(i) pcpu[i].online
+#define ipi_recv(i) pcpu[i].ipi_recv
+#define bsp_recv_from(i) pcpu[i].bsp_recv_from
+#define cmd(i) pcpu[i].cmd
+#define cmd_arg(i) pcpu[i].cmd_arg
+#define cmd_seq(i) pcpu[i].cmd_seq
+#define done_seq(i) pcpu[i].done_seq
+#define mem_ok(i) pcpu[i].mem_ok
 static volatile uint32_t cur_sender;           /* AP currently sending to the BSP */
-static volatile uint32_t cmd[MAXCPU], cmd_arg[MAXCPU], cmd_seq[MAXCPU], done_seq[MAXCPU];
-static volatile uint32_t mem_ok[MAXCPU];
-static volatile uint32_t shared_counter __attribute__((aligned(64)));
-static volatile uint32_t print_lock;
+static volatile uint32_t shared_counter __attribute__((aligned(4096)));
+static volatile uint32_t print_lock __attribute__((aligned(4096)));
 static volatile uint32_t failed;
 
 static uint32_t opt_cpus, opt_ipis = 8, opt_iters = 20000, opt_memkb = 64, opt_aptoap = 1;
@@ -295,9 +311,9 @@ void isr_dispatch(struct frame *f)
     if (v == VEC_SPURIOUS)
         return; /* no EOI for spurious */
     if (v == VEC_TO_AP || v == VEC_AP_AP)
-        atomic_xadd(&ipi_recv[my_idx()], 1);
+        atomic_xadd(&ipi_recv(my_idx()), 1);
     else if (v == VEC_TO_BSP)
-        atomic_xadd(&bsp_recv_from[cur_sender], 1);
+        atomic_xadd(&bsp_recv_from(cur_sender), 1);
     lapic_write(LAPIC_EOI, 0);
 }
 
@@ -496,7 +512,7 @@ static void memtest(uint32_t idx)
         r[i] = pattern(idx, i);
     for (uint32_t k = 0; k < opt_iters; k++)
         atomic_xadd(&shared_counter, 1);
-    mem_ok[idx] = region_check(idx);
+    mem_ok(idx) = region_check(idx);
 }
 
 /* ---------------- APs ---------------- */
@@ -510,26 +526,26 @@ void ap_main(void)
         fail("AP has unexpected APIC ID", apic, apic_ids[idx]);
     sti();
     say("cpu %u online apic=%u", idx, apic);
-    online[idx] = 1;
+    online(idx) = 1;
 
     uint32_t seen = 0;
     for (;;) {
-        while (cmd_seq[idx] == seen)
+        while (cmd_seq(idx) == seen)
             ;
-        seen = cmd_seq[idx];
-        switch (cmd[idx]) {
+        seen = cmd_seq(idx);
+        switch (cmd(idx)) {
         case CMD_SEND_TO_BSP: /* send opt_ipis IPIs to the BSP, one at a time */
             for (uint32_t i = 1; i <= opt_ipis; i++) {
                 send_ipi(apic_ids[0], VEC_TO_BSP);
-                if (!wait_eq(&bsp_recv_from[idx], i, 0))
+                if (!wait_eq(&bsp_recv_from(idx), i, 0))
                     fail("timeout: BSP did not receive IPI", idx, i);
             }
             break;
         case CMD_SEND_TO_AP: { /* one IPI to another AP */
-            uint32_t to = cmd_arg[idx];
-            uint32_t before = ipi_recv[to];
+            uint32_t to = cmd_arg(idx);
+            uint32_t before = ipi_recv(to);
             send_ipi(apic_ids[to], VEC_AP_AP);
-            if (!wait_eq(&ipi_recv[to], before + 1, 1))
+            if (!wait_eq(&ipi_recv(to), before + 1, 1))
                 fail("timeout: AP->AP IPI not received", idx, to);
             break;
         }
@@ -537,24 +553,24 @@ void ap_main(void)
             memtest(idx);
             break;
         case CMD_HALT:
-            done_seq[idx] = seen;
+            done_seq(idx) = seen;
             cli();
             for (;;)
                 __asm__ volatile("hlt");
         }
-        done_seq[idx] = seen;
+        done_seq(idx) = seen;
     }
 }
 
 static void ap_command(uint32_t idx, uint32_t c, uint32_t arg)
 {
-    cmd[idx] = c;
-    cmd_arg[idx] = arg;
+    cmd(idx) = c;
+    cmd_arg(idx) = arg;
     barrier();
-    cmd_seq[idx] = cmd_seq[idx] + 1;
+    cmd_seq(idx) = cmd_seq(idx) + 1;
 }
 
-static int ap_wait(uint32_t idx) { return wait_eq(&done_seq[idx], cmd_seq[idx], 0); }
+static int ap_wait(uint32_t idx) { return wait_eq(&done_seq(idx), cmd_seq(idx), 0); }
 
 /* The memory phase moves pages between hosts on a FragVisor cluster: allow 8x longer. */
 static int ap_wait_long(uint32_t idx)
@@ -577,10 +593,10 @@ static void start_ap(uint32_t idx)
     for (int i = 0; i < 2; i++) {
         send_ipi(apic, 0x00004600 | (TRAMP_BASE >> 12)); /* STARTUP */
         delay_cycles(200000);                             /* ~200 us */
-        if (online[idx])
+        if (online(idx))
             break;
     }
-    if (!wait_eq(&online[idx], 1, 0))
+    if (!wait_eq(&online(idx), 1, 0))
         fail("timeout: AP did not come online", idx, apic);
 }
 
@@ -659,7 +675,7 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
         for (const uint8_t *s = tramp_start; s < tramp_end; s++)
             *dst++ = *s;
     }
-    online[0] = 1;
+    online(0) = 1;
     sti();
     say("cpu 0 online apic=%u (bsp)", bsp_apic);
 
@@ -671,20 +687,20 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
     for (uint32_t i = 1; i < n; i++) {
         for (uint32_t k = 1; k <= opt_ipis; k++) {
             send_ipi(apic_ids[i], VEC_TO_AP);
-            if (!wait_eq(&ipi_recv[i], k, 0))
+            if (!wait_eq(&ipi_recv(i), k, 0))
                 fail("timeout: AP did not receive IPI from BSP", i, k);
         }
-        say("ipi bsp->%u ok count=%u", i, ipi_recv[i]);
+        say("ipi bsp->%u ok count=%u", i, ipi_recv(i));
     }
     /* IPIs each AP -> BSP. */
     for (uint32_t i = 1; i < n; i++) {
         cur_sender = i;
         ap_command(i, CMD_SEND_TO_BSP, 0);
         if (!ap_wait(i))
-            fail("timeout: AP->BSP IPI phase", i, bsp_recv_from[i]);
-        if (bsp_recv_from[i] != opt_ipis)
-            fail("AP->BSP IPI count", i, bsp_recv_from[i]);
-        say("ipi %u->bsp ok count=%u", i, bsp_recv_from[i]);
+            fail("timeout: AP->BSP IPI phase", i, bsp_recv_from(i));
+        if (bsp_recv_from(i) != opt_ipis)
+            fail("AP->BSP IPI count", i, bsp_recv_from(i));
+        say("ipi %u->bsp ok count=%u", i, bsp_recv_from(i));
     }
     /* One IPI from each AP to the next AP (ring), if there are >= 2 APs. */
     if (opt_aptoap && n >= 3) {
@@ -705,7 +721,7 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
         if (!ap_wait_long(i))
             fail("timeout: memtest on AP", i, 0);
     for (uint32_t i = 0; i < n; i++) {
-        if (!mem_ok[i])
+        if (!mem_ok(i))
             fail("memory region check failed on its own cpu", i, region_base(i));
         if (!region_check(i)) /* the BSP reads every other vCPU's writes */
             fail("memory region check failed from the BSP", i, region_base(i));

@@ -7,10 +7,13 @@
 //!
 //! - [`config`]: the accelerator options (`nodes`, `node-id`, `peers`, `key`,
 //!   `key-file`), their parsing and the cross-field validation;
-//! - [`placement`]: which cluster node runs which vCPU.
+//! - [`placement`]: which cluster node runs which vCPU;
+//! - [`runtime`]: the per-host runtime of an aggregate VM (DSM, I/O and
+//!   interrupt forwarding, lifecycle, failure).
 
 pub mod config;
 pub mod placement;
+pub mod runtime;
 
 pub use config::{
     ClusterConfig, ClusterKey, ConfigBuilder, ConfigError, Engine, OptionSpec, PeerAddr, OPTIONS,

@@ -1,0 +1,225 @@
+//! Two hosts' runtimes in one process, over loopback TCP: forwarded I/O,
+//! interrupts, APIC state, EOIs, lifecycle and failure reach the right side.
+
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dsm_service::home::HomeMap;
+use qemu_accel::runtime::{
+    dsm_config, ApicState, Host, IoAccess, IoSpace, Irq, IrqKind, Lifecycle, Runtime,
+};
+use qemu_accel::{ClusterConfig, ClusterKey, Engine, PeerAddr, VcpuPlacement};
+
+#[derive(Default)]
+struct Recorder {
+    log: Mutex<Vec<String>>,
+}
+
+impl Recorder {
+    fn push(&self, s: String) {
+        self.log.lock().unwrap().push(s);
+    }
+    fn wait_for(&self, needle: &str) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if self.has(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("never saw {needle:?}; log: {:?}", self.log.lock().unwrap());
+    }
+    fn has(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}
+
+impl Host for Recorder {
+    fn exec_io(&self, a: &IoAccess, data: &mut [u8]) -> u32 {
+        if a.is_write {
+            self.push(format!(
+                "io write cpu{} {:?} {:#x} {:?}",
+                a.cpu, a.space, a.addr, data
+            ));
+        } else {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = 0xa0 + i as u8;
+            }
+            self.push(format!(
+                "io read cpu{} {:?} {:#x} len{}",
+                a.cpu,
+                a.space,
+                a.addr,
+                data.len()
+            ));
+        }
+        0
+    }
+    fn deliver_irq(&self, irq: &Irq) {
+        self.push(format!(
+            "irq cpu{} {:?} {:#x}",
+            irq.cpu, irq.kind, irq.vector
+        ));
+    }
+    fn apic_state(&self, s: &ApicState) {
+        self.push(format!("apic cpu{} id{:#x}", s.cpu, s.id));
+    }
+    fn ioapic_eoi(&self, v: u8) {
+        self.push(format!("eoi {v:#x}"));
+    }
+    fn lifecycle(&self, e: Lifecycle, from: u16) {
+        self.push(format!("lifecycle {e:?} from {from}"));
+    }
+    fn node_failed(&self, node: u16, reason: &str) {
+        self.push(format!("failed node {node}: {reason}"));
+    }
+    fn thread_start(&self, _name: &str) {}
+}
+
+fn region(pages: usize) -> u64 {
+    // SAFETY: a fresh anonymous mapping, checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            pages * 4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    p as u64
+}
+
+type Side = (Arc<Runtime>, Arc<Recorder>);
+
+fn pair() -> (Side, Side) {
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<PeerAddr> = listeners
+        .iter()
+        .map(|l| PeerAddr {
+            host: "127.0.0.1".into(),
+            port: l.local_addr().unwrap().port(),
+        })
+        .collect();
+    drop(listeners);
+    let start = |id: u32| {
+        let cfg = ClusterConfig {
+            engine: Engine::Tcg,
+            nodes: 2,
+            node_id: id,
+            peers: peers.clone(),
+            key: Some(ClusterKey::new(b"runtime-test-key-0123".to_vec(), "key").unwrap()),
+        };
+        let host = Arc::new(Recorder::default());
+        let h2: Arc<dyn Host> = host.clone();
+        std::thread::spawn(move || {
+            let dsm = dsm_config(&cfg, Duration::from_secs(5)).unwrap();
+            let placement = VcpuPlacement::contiguous(2, 2).unwrap();
+            let base = region(16);
+            let rt = Runtime::start(
+                &dsm,
+                placement,
+                &[("ram", base, 16 * 4096)],
+                HomeMap::all_on(0),
+                None,
+                h2,
+            )
+            .unwrap();
+            (rt, host)
+        })
+    };
+    let a = start(0);
+    let b = start(1);
+    (a.join().unwrap(), b.join().unwrap())
+}
+
+#[test]
+fn forwarding_interrupts_and_failure_reach_the_right_host() {
+    let ((r0, h0), (r1, h1)) = pair();
+    assert!(r0.is_local(0) && !r0.is_local(1));
+    assert!(r1.is_local(1) && !r1.is_local(0));
+
+    // String port I/O written by vCPU 1 runs on the origin's devices.
+    let out = IoAccess {
+        cpu: 1,
+        space: IoSpace::Pio,
+        addr: 0x3f8,
+        size: 1,
+        count: 2,
+        is_write: true,
+        attrs: 0,
+    };
+    let mut data = *b"hi";
+    assert_eq!(r1.forward_io(&out, &mut data).unwrap(), 0);
+    assert!(h0.has("io write cpu1 Pio 0x3f8 [104, 105]"));
+    // An MMIO read returns the origin's bytes.
+    let read = IoAccess {
+        space: IoSpace::Mmio,
+        addr: 0xfed0_0000,
+        size: 4,
+        count: 1,
+        is_write: false,
+        ..out
+    };
+    let mut buf = [0u8; 4];
+    r1.forward_io(&read, &mut buf).unwrap();
+    assert_eq!(buf, [0xa0, 0xa1, 0xa2, 0xa3]);
+
+    // Interrupts go to the owner of the target vCPU.
+    let sipi = Irq {
+        cpu: 1,
+        kind: IrqKind::Sipi,
+        vector: 0x9a,
+        level: false,
+    };
+    r0.send_irq(&sipi).unwrap();
+    h1.wait_for("irq cpu1 Sipi 0x9a");
+    let fixed = Irq {
+        cpu: 0,
+        kind: IrqKind::Fixed,
+        vector: 0xf0,
+        level: false,
+    };
+    r1.send_irq(&fixed).unwrap();
+    h0.wait_for("irq cpu0 Fixed 0xf0");
+    let apic = ApicState {
+        cpu: 1,
+        id: 0x0100_0000,
+        ldr: 0,
+        dfr: u32::MAX,
+        apicbase: 0xfee0_0800,
+    };
+    r1.broadcast_apic_state(&apic).unwrap();
+    h0.wait_for("apic cpu1 id0x1000000");
+    r1.send_ioapic_eoi(0x31).unwrap();
+    h0.wait_for("eoi 0x31");
+    r0.broadcast_lifecycle(Lifecycle::Reset).unwrap();
+    h1.wait_for("lifecycle Reset from 0");
+
+    // A host that leaves while the VM runs is a failure the origin names.
+    r1.shutdown();
+    h0.wait_for("failed node 1: left the cluster while the VM was running");
+    let summary = r0.summary(&|_| 5);
+    assert!(
+        summary.starts_with("fragvisor: node 0 summary: vcpus=[cpu0:5]"),
+        "{summary}"
+    );
+    r0.shutdown();
+}
+
+#[test]
+fn power_off_then_exit_is_no_failure() {
+    let ((r0, h0), (r1, h1)) = pair();
+    r1.broadcast_lifecycle(Lifecycle::PowerOff).unwrap();
+    h0.wait_for("lifecycle PowerOff from 1");
+    r1.shutdown();
+    r0.shutdown();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!h0.has("failed"), "{:?}", h0.log.lock().unwrap());
+    assert!(!h1.has("failed"));
+}

@@ -119,11 +119,15 @@ if [ -x "$final" ]; then
     exit 0
 fi
 
-# The build tree links the copy, so its configured paths never change.
-if ! cmp -s "$lib" "$tree/ffi/libfragvisor_ffi.a" || ! cmp -s "$header" "$tree/ffi/include/fragvisor_ffi.h"; then
-    cp "$lib" "$tree/ffi/libfragvisor_ffi.a.tmp" && mv "$tree/ffi/libfragvisor_ffi.a.tmp" "$tree/ffi/libfragvisor_ffi.a"
+# The build tree links copies, so its configured paths never change. Each is
+# replaced only when it differs: a new header recompiles its users, a new
+# archive needs a relink, which meson does not track for link_args.
+if ! cmp -s "$header" "$tree/ffi/include/fragvisor_ffi.h"; then
     cp "$header" "$tree/ffi/include/fragvisor_ffi.h"
-    # meson does not track a link_args archive: force the relink.
+fi
+if ! cmp -s "$lib" "$tree/ffi/libfragvisor_ffi.a"; then
+    cp "$lib" "$tree/ffi/libfragvisor_ffi.a.tmp"
+    mv "$tree/ffi/libfragvisor_ffi.a.tmp" "$tree/ffi/libfragvisor_ffi.a"
     rm -f "$bld/qemu-system-x86_64"
 fi
 

@@ -29,6 +29,132 @@ typedef enum {
  */
 typedef struct FvConfig FvConfig;
 
+/*
+ The runtime of one host. Opaque to C.
+ */
+typedef struct FvRuntime FvRuntime;
+
+/*
+ One guest RAM block registered with the DSM.
+ */
+typedef struct {
+  /*
+   Name identical on every host (QEMU's RAM block id).
+   */
+  const char *name;
+  /*
+   Host address of the block.
+   */
+  uint64_t host_addr;
+  /*
+   Length in bytes (whole 4 KiB pages).
+   */
+  uint64_t len;
+  /*
+   Node that is home for the block's pages (its guest NUMA node's host),
+   or -1 for the origin.
+   */
+  int32_t home;
+} FvRegion;
+
+/*
+ A device access forwarded to the origin.
+ */
+typedef struct {
+  /*
+   vCPU index.
+   */
+  uint32_t cpu;
+  /*
+   0: port I/O, 1: MMIO.
+   */
+  uint8_t space;
+  /*
+   A write.
+   */
+  bool is_write;
+  /*
+   Bytes per element.
+   */
+  uint8_t size;
+  /*
+   Elements (string I/O), at least 1.
+   */
+  uint32_t count;
+  /*
+   Port or guest-physical address.
+   */
+  uint64_t addr;
+  /*
+   `MemTxAttrs` bits.
+   */
+  uint32_t attrs;
+} FvIoAccess;
+
+/*
+ APIC routing state of one vCPU.
+ */
+typedef struct {
+  /*
+   vCPU index.
+   */
+  uint32_t cpu;
+  /*
+   APIC ID register.
+   */
+  uint32_t id;
+  /*
+   Logical destination register.
+   */
+  uint32_t ldr;
+  /*
+   Destination format register.
+   */
+  uint32_t dfr;
+  /*
+   IA32_APIC_BASE.
+   */
+  uint64_t apicbase;
+} FvApicState;
+
+/*
+ Callbacks into QEMU. Every pointer must be set except `page_changed`.
+ */
+typedef struct {
+  /*
+   Origin: run an access on the device model; returns `MemTxResult`.
+   */
+  uint32_t (*exec_io)(void *ctx, const FvIoAccess *a, uint8_t *data);
+  /*
+   Deliver an interrupt to a local vCPU (kind: 0 fixed, 1 NMI, 2 SMI, 3 INIT, 4 SIPI).
+   */
+  void (*deliver_irq)(void *ctx, uint32_t cpu, uint8_t kind, uint8_t vector, bool level);
+  /*
+   Record a remote vCPU's APIC routing state.
+   */
+  void (*apic_state)(void *ctx, const FvApicState *s);
+  /*
+   Origin: an IOAPIC EOI from a remote vCPU.
+   */
+  void (*ioapic_eoi)(void *ctx, uint8_t vector);
+  /*
+   Another node's power-off (0) or reset (1).
+   */
+  void (*lifecycle)(void *ctx, uint8_t event, uint32_t from);
+  /*
+   A node failed; stop the VM with an error naming it.
+   */
+  void (*node_failed)(void *ctx, uint32_t node, const char *reason);
+  /*
+   First call in every runtime thread that uses the callbacks.
+   */
+  void (*thread_start)(void *ctx, const char *name);
+  /*
+   Local page contents dropped or replaced (TCG: drop translated code); may be NULL.
+   */
+  void (*page_changed)(void *ctx, uint64_t host_addr, uint64_t len);
+} FvHostOps;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -132,6 +258,88 @@ bool fv_vcpu_is_local(const FvConfig *cfg, uint32_t cpu_index);
  `cfg` must be NULL or a live pointer from [`fv_config_new`].
  */
 int32_t fv_vcpu_owner(const FvConfig *cfg, uint32_t cpu_index);
+
+/*
+ Joins the cluster described by `cfg` (after `fv_config_finish`) with the
+ guest RAM `regions`, and starts the runtime. Returns NULL and sets `*err`
+ (free with `fv_string_free`) on failure.
+
+ # Safety
+ `cfg` must be a live, finished config; `regions` must point to `nregions`
+ entries whose names are NUL-terminated strings and whose ranges stay
+ mapped while the runtime lives; `ops` must point to a callback table whose
+ functions may be called from any thread with `ctx`; `err` NULL or valid.
+ */
+FvRuntime *fv_runtime_start(const FvConfig *cfg,
+                            const FvRegion *regions,
+                            size_t nregions,
+                            const FvHostOps *ops,
+                            void *ctx,
+                            uint32_t peer_timeout_ms,
+                            char **err);
+
+/*
+ Forwards a local vCPU's device access to the origin and waits for it.
+ `data` holds `size*count` bytes: written ones, or room for those read.
+ Returns 0 and sets `*result` (`MemTxResult`), or -1 when the origin is
+ gone (the failure was also reported through `node_failed`).
+
+ # Safety
+ `rt` live; `a` valid; `data` valid for `size*count` bytes; `result` valid.
+ */
+int32_t fv_forward_io(const FvRuntime *rt, const FvIoAccess *a, uint8_t *data, uint32_t *result);
+
+/*
+ Sends an interrupt to the host that runs `cpu` (kind: 0 fixed, 1 NMI,
+ 2 SMI, 3 INIT, 4 SIPI). Returns 0, or -1 if that host is gone.
+
+ # Safety
+ `rt` must be live.
+ */
+int32_t fv_send_irq(const FvRuntime *rt, uint32_t cpu, uint8_t kind, uint8_t vector, bool level);
+
+/*
+ Mirrors a local vCPU's APIC routing state to every other host.
+
+ # Safety
+ `rt` live; `s` valid.
+ */
+int32_t fv_broadcast_apic_state(const FvRuntime *rt, const FvApicState *s);
+
+/*
+ Sends an IOAPIC EOI to the origin.
+
+ # Safety
+ `rt` must be live.
+ */
+int32_t fv_send_ioapic_eoi(const FvRuntime *rt, uint8_t vector);
+
+/*
+ Tells every other host about a power-off (0) or a reset (1).
+
+ # Safety
+ `rt` must be live.
+ */
+int32_t fv_broadcast_lifecycle(const FvRuntime *rt, uint8_t event);
+
+/*
+ The exit summary line (`fragvisor: node K summary: ...`); `counts[i]` is
+ the number of exits or translated blocks vCPU `i` ran (`ncounts` entries).
+ Free the string with `fv_string_free`.
+
+ # Safety
+ `rt` live; `counts` valid for `ncounts` entries (or NULL with 0).
+ */
+char *fv_runtime_summary(const FvRuntime *rt, const uint64_t *counts, size_t ncounts);
+
+/*
+ Leaves the cluster cleanly and frees the runtime. NULL is ignored.
+
+ # Safety
+ `rt` NULL or from `fv_runtime_start`, not yet freed; no other thread may
+ use it during or after the call.
+ */
+void fv_runtime_stop(FvRuntime *rt);
 
 #ifdef __cplusplus
 }  // extern "C"

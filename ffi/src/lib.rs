@@ -16,6 +16,8 @@ use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
+pub mod runtime;
+
 use qemu_accel::{ClusterConfig, ConfigBuilder, ConfigError, Engine, VcpuPlacement, OPTIONS};
 
 /// The vCPU engine of the accelerator calling in.

@@ -12,6 +12,7 @@
 //!   interrupt forwarding, lifecycle, failure).
 
 pub mod config;
+pub mod launcher;
 pub mod placement;
 pub mod runtime;
 

@@ -1,0 +1,486 @@
+//! `fragvisor`: start an aggregate VM on this machine, or print the
+//! commands that start it on a real cluster.
+//!
+//! One description of the VM (flags, or a TOML file overlaid by flags) is
+//! turned into a [`spec::VmSpec`], and from it every node's QEMU command
+//! line ([`cmdline::node_args`]). `fragvisor run` starts one QEMU per node
+//! here, over loopback or one network namespace per node
+//! ([`netns::Netns`]), shows the origin's serial console and exits with
+//! the VM's status ([`supervise::run_nodes`]). `fragvisor print` writes the
+//! per-host commands for a real cluster. See `docs/launcher.md`.
+
+pub mod cmdline;
+pub mod key;
+pub mod netns;
+pub mod spec;
+pub mod supervise;
+
+use std::ffi::OsString;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use thiserror::Error;
+
+use crate::config::{Engine, PeerAddr};
+use cmdline::{cluster_script, node_args, ClusterAddrs};
+use spec::{FileConfig, NetMode, Overrides, VmSpec, DEFAULT_PORT};
+use supervise::{run_nodes, stdin_forwardable, NodeCommand, Supervision};
+
+/// Why the launcher stopped before (or instead of) running the VM.
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    /// Bad input: flags, TOML values, missing files. Exit code 2.
+    #[error("{0}")]
+    Usage(String),
+    /// A TOML file that does not parse; the message carries line and column.
+    #[error("{}: {message}", path.display())]
+    Toml {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// Something failed while setting up or running. Exit code 1.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl LaunchError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            LaunchError::Usage(_) | LaunchError::Toml { .. } => 2,
+            LaunchError::Runtime(_) => 1,
+        }
+    }
+}
+
+/// The command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "fragvisor",
+    version,
+    about = "Run one FragVisor aggregate VM across several QEMU processes (nodes)",
+    long_about = "Run one FragVisor aggregate VM across several QEMU processes (nodes).\n\n\
+                  `fragvisor run` starts every node on this machine and shows the origin's \
+                  serial console; `fragvisor print --hosts ...` prints the command to run on \
+                  each host of a real cluster. See docs/launcher.md."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start every node on this machine; exit with the VM's status.
+    Run(RunArgs),
+    /// Print the command to run on each host of a real cluster.
+    Print(PrintArgs),
+    /// Write a new random cluster key (mode 0600) to FILE.
+    Keygen {
+        /// Where to write the key; must not exist.
+        file: PathBuf,
+    },
+}
+
+/// The description of the VM, shared by `run` and `print`.
+#[derive(Args, Debug, Default)]
+pub struct VmArgs {
+    /// TOML file describing the VM; flags override its values.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Number of nodes (hosts).
+    #[arg(long, short = 'n')]
+    nodes: Option<u32>,
+    /// fragvisor (KVM) or fragvisor-tcg [default: fragvisor].
+    #[arg(long, value_parser = spec::parse_engine)]
+    engine: Option<Engine>,
+    /// QEMU machine type [default: q35].
+    #[arg(long, short = 'M')]
+    machine: Option<String>,
+    /// vCPUs (at least one per node) [default: nodes].
+    #[arg(long)]
+    smp: Option<u32>,
+    /// Guest RAM, QEMU -m syntax: 512, 512M, 2G [default: 512M].
+    #[arg(long, short = 'm', value_parser = spec::parse_memory)]
+    memory: Option<u64>,
+    /// One guest NUMA node per host (the default).
+    #[arg(long, overrides_with = "no_numa")]
+    numa: bool,
+    /// No guest NUMA nodes.
+    #[arg(long, overrides_with = "numa")]
+    no_numa: bool,
+    /// -cpu model and flags (default: QEMU's; the accelerator turns off the
+    /// PV features that need an in-kernel APIC by itself).
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Guest kernel (-kernel).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest initrd (-initrd).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Guest kernel command line [default with a kernel: "console=ttyS0
+    /// clocksource=tsc tsc=reliable"].
+    #[arg(long)]
+    append: Option<String>,
+    /// The patched qemu-system-x86_64 [default: $FRAGVISOR_QEMU, else the
+    /// newest build in scripts/build-qemu.sh's cache].
+    #[arg(long)]
+    qemu: Option<PathBuf>,
+    /// One extra QEMU argument for every node (repeatable); or put them
+    /// after `--`.
+    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
+    qemu_arg: Vec<String>,
+    /// One network namespace per node (root), instead of loopback.
+    #[arg(long)]
+    netns: bool,
+    /// Port: loopback nodes use PORT, PORT+1, ... [default: free ports];
+    /// every node uses it in namespaces and on a real cluster [default: 7400].
+    #[arg(long)]
+    port: Option<u16>,
+    /// DSM peer timeout in ms, passed to the accelerator as peer-timeout-ms=.
+    #[arg(long)]
+    peer_timeout_ms: Option<u64>,
+    /// Cluster key file [default: a fresh random key per run, 0600 temp file].
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Extra QEMU arguments for every node.
+    #[arg(last = true, value_name = "QEMU ARGS")]
+    extra: Vec<String>,
+}
+
+/// `fragvisor run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Seconds the other nodes get to stop after the first one exits
+    /// (SIGTERM at half of it, SIGKILL at the end) [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    stop_timeout: Option<f64>,
+    /// Stop the VM after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// Print the commands instead of running them.
+    #[arg(long)]
+    print_commands: bool,
+    /// With --print-commands: the cluster's hosts, in node-id order.
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<String>,
+}
+
+/// `fragvisor print`.
+#[derive(Args, Debug)]
+pub struct PrintArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// The cluster's hosts in node-id order: HOST or HOST:PORT, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<String>,
+}
+
+impl VmArgs {
+    fn into_spec(
+        self,
+        hosts: Vec<String>,
+        stop_timeout: Option<f64>,
+        timeout: Option<f64>,
+    ) -> Result<VmSpec, LaunchError> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let mut qemu_args = self.qemu_arg;
+        qemu_args.extend(self.extra);
+        let flags = Overrides {
+            nodes: self.nodes,
+            engine: self.engine,
+            machine: self.machine,
+            smp: self.smp,
+            memory_mib: self.memory,
+            numa: if self.no_numa {
+                Some(false)
+            } else if self.numa {
+                Some(true)
+            } else {
+                None
+            },
+            cpu: self.cpu,
+            kernel: self.kernel,
+            initrd: self.initrd,
+            append: self.append,
+            qemu_args,
+            qemu: self.qemu,
+            network: self.netns.then_some(NetMode::Netns),
+            port: self.port,
+            hosts: (!hosts.is_empty()).then_some(hosts),
+            peer_timeout_ms: self.peer_timeout_ms,
+            key_file: self.key_file,
+            stop_timeout,
+            timeout,
+        };
+        VmSpec::resolve(file, flags)
+    }
+}
+
+/// Where scripts/build-qemu.sh caches its builds.
+fn fv_cache() -> Option<PathBuf> {
+    if let Some(c) = std::env::var_os("FRAGVISOR_CACHE") {
+        return Some(PathBuf::from(c));
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(x).join("fragvisor"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fragvisor"))
+}
+
+/// The newest `qemu-system-x86_64` under `$FV_CACHE/qemu/bin/*/`.
+fn cached_qemu() -> Option<PathBuf> {
+    let bin = fv_cache()?.join("qemu/bin");
+    std::fs::read_dir(bin)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("qemu-system-x86_64"))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+}
+
+/// The QEMU binary for a local run: `--qemu`, `$FRAGVISOR_QEMU`, or the
+/// newest cached build.
+pub fn resolve_qemu(given: Option<&Path>) -> Result<PathBuf, LaunchError> {
+    let (path, from) = if let Some(p) = given {
+        (p.to_path_buf(), "--qemu")
+    } else if let Some(p) = std::env::var_os("FRAGVISOR_QEMU") {
+        (PathBuf::from(p), "FRAGVISOR_QEMU")
+    } else if let Some(p) = cached_qemu() {
+        return Ok(p);
+    } else {
+        return Err(LaunchError::Usage(
+            "no QEMU binary: pass --qemu PATH, set FRAGVISOR_QEMU, or build one with \
+             scripts/build-qemu.sh"
+                .into(),
+        ));
+    };
+    if !path.is_file() {
+        return Err(LaunchError::Usage(format!(
+            "{from}: {} is not a file",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// `count` free TCP ports on 127.0.0.1 (bound together so they differ).
+fn free_loopback_ports(count: u32) -> Result<Vec<u16>, LaunchError> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| LaunchError::Runtime(format!("cannot find a free loopback port: {e}")))?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| LaunchError::Runtime(e.to_string()))
+}
+
+fn loopback_hosts(spec: &VmSpec) -> Vec<String> {
+    let base = spec.port.unwrap_or(DEFAULT_PORT);
+    (0..spec.nodes)
+        .map(|k| format!("127.0.0.1:{}", u32::from(base) + k))
+        .collect()
+}
+
+fn print_cmd(mut spec: VmSpec, local: bool) -> Result<ExitCode, LaunchError> {
+    if spec.hosts.is_empty() && local {
+        spec.hosts = loopback_hosts(&spec);
+    }
+    let qemu = match &spec.qemu {
+        Some(q) => q.clone(),
+        None if local => resolve_qemu(None).unwrap_or_else(|_| PathBuf::from("qemu-system-x86_64")),
+        None => PathBuf::from("qemu-system-x86_64"),
+    };
+    print!("{}", cluster_script(&spec, &qemu)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_cmd(spec: VmSpec) -> Result<ExitCode, LaunchError> {
+    spec.check_local_files()?;
+    let qemu = resolve_qemu(spec.qemu.as_deref())?;
+
+    let mut temp_key = None;
+    let key_file = if spec.nodes > 1 {
+        Some(match &spec.key_file {
+            Some(k) => k.clone(),
+            None => {
+                let k = key::TempKey::create()?;
+                let p = k.path().to_path_buf();
+                temp_key = Some(k);
+                p
+            }
+        })
+    } else {
+        None
+    };
+
+    let mut netns = None;
+    let peers: Vec<PeerAddr> = match spec.network {
+        NetMode::Netns => {
+            let (n, ips) = netns::Netns::create(spec.nodes)?;
+            netns = Some(n);
+            let port = spec.port.unwrap_or(DEFAULT_PORT);
+            ips.into_iter()
+                .map(|host| PeerAddr { host, port })
+                .collect()
+        }
+        NetMode::Loopback => {
+            let ports: Vec<u16> = match spec.port {
+                Some(base) => (0..spec.nodes)
+                    .map(|k| {
+                        u16::try_from(u32::from(base) + k).map_err(|_| {
+                            LaunchError::Usage(format!(
+                                "port={base}: {} consecutive ports do not fit below 65536",
+                                spec.nodes
+                            ))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                None => free_loopback_ports(spec.nodes)?,
+            };
+            ports
+                .into_iter()
+                .map(|port| PeerAddr {
+                    host: "127.0.0.1".into(),
+                    port,
+                })
+                .collect()
+        }
+    };
+    let addrs = ClusterAddrs {
+        peers: if spec.nodes > 1 {
+            peers.clone()
+        } else {
+            Vec::new()
+        },
+        key_file,
+    };
+
+    let mut commands = Vec::new();
+    for k in 0..spec.nodes {
+        let args = node_args(&spec, k, &addrs)?;
+        commands.push(match &netns {
+            Some(n) => {
+                let mut full = vec!["netns".to_string(), "exec".into(), n.ns(k)];
+                full.push(qemu.display().to_string());
+                full.extend(args);
+                NodeCommand {
+                    node: k,
+                    program: PathBuf::from("ip"),
+                    args: full,
+                }
+            }
+            None => NodeCommand {
+                node: k,
+                program: qemu.clone(),
+                args,
+            },
+        });
+    }
+
+    eprintln!(
+        "fragvisor: starting {} node(s): {}, machine {}, {} vCPUs, {} MiB{}, {} ({}); origin console follows",
+        spec.nodes,
+        spec.engine.accel_name(),
+        spec.machine,
+        spec.smp,
+        spec.memory_mib,
+        if spec.numa { ", NUMA node per host" } else { "" },
+        match spec.network {
+            NetMode::Loopback => "loopback",
+            NetMode::Netns => "one network namespace per node",
+        },
+        peers
+            .iter()
+            .map(PeerAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    let sup = Supervision {
+        stop_timeout: spec.stop_timeout,
+        timeout: spec.timeout,
+        forward_stdin: stdin_forwardable(),
+    };
+    let outcome = run_nodes(&commands, &sup);
+    drop(netns);
+    drop(temp_key);
+    let outcome = outcome?;
+    let (code, message) = outcome.verdict(spec.stop_timeout);
+    match message {
+        Some(m) => eprintln!("fragvisor: {m}"),
+        None => eprintln!(
+            "fragvisor: the guest powered off; all {} node(s) exited 0",
+            spec.nodes
+        ),
+    }
+    Ok(ExitCode::from(code))
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode, LaunchError> {
+    match cli.command {
+        Cmd::Run(r) => {
+            let local = r.hosts.is_empty();
+            let print = r.print_commands;
+            let spec = r.vm.into_spec(r.hosts, r.stop_timeout, r.timeout)?;
+            if print {
+                print_cmd(spec, local)
+            } else {
+                if !local {
+                    return Err(LaunchError::Usage(
+                        "--hosts is for a real cluster: use it with `fragvisor print` or --print-commands"
+                            .into(),
+                    ));
+                }
+                run_cmd(spec)
+            }
+        }
+        Cmd::Print(p) => {
+            let spec = p.vm.into_spec(p.hosts, None, None)?;
+            print_cmd(spec, false)
+        }
+        Cmd::Keygen { file } => {
+            key::write_new_key(&file)?;
+            eprintln!(
+                "fragvisor: wrote a new cluster key to {} (mode 0600); copy it to every host",
+                file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Parse `args` (including the program name) and run the command.
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            // Printing help or an error to a closed stream is not worth a panic.
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fragvisor: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

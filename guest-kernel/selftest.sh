@@ -43,7 +43,10 @@ boot() {
     local name=$1 want=$2 log="$logs/$1.log" t0 t1 rc
     shift 2
     t0=$(date +%s.%N)
-    timeout -k 10 "$tmo" "$qemu" -display none -serial stdio -monitor none "${extra[@]}" "$@" \
+    # -nodefaults: no default NIC (its option ROM may be missing from a
+    # --disable-install-blobs build), no CD-ROM (SeaBIOS's AHCI probe of it
+    # can stall ~30 s), no VGA; -serial stdio is the only console.
+    timeout -k 10 "$tmo" "$qemu" -nodefaults -display none -serial stdio -monitor none "${extra[@]}" "$@" \
         < /dev/null > "$log" 2>&1
     rc=$?
     t1=$(date +%s.%N)

@@ -45,7 +45,7 @@ echo 'root:x:0:0:root:/root:/bin/sh' > "$root/etc/passwd"
 mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
 mknod -m 666 "$root/dev/null" c 1 3 2>/dev/null || true
 
-# Deterministic archive: sorted names, fixed mtimes, root ownership.
+# Sorted names and fixed mtimes (inode numbers still vary between builds).
 find "$root" -exec touch -h -d @0 {} +
 (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | "$busybox" cpio -o -H newc 2>/dev/null) \
     | gzip -9 -n > "$tmp/initramfs.cpio.gz"

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2054 # commas inside QEMU option values, not array separators
 # Self-check for guest-kernel/: builds the tiny test kernel, fetches the Debian
 # kernel, builds the initramfs, boots each under a QEMU binary and checks markers.
 #
@@ -51,7 +52,6 @@ boot() {
     rc=$?
     t1=$(date +%s.%N)
     last_secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-    last_rc=$rc
     if [ "$rc" -ne "$want" ]; then
         [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && say "$name: timed out after ${tmo}s"
         fail "$name" "qemu exit status $rc, expected $want (log: $log)"
@@ -93,17 +93,17 @@ if [ -z "$only" ] || [ "$only" = testkernel ]; then
         fi
     done
     # Without isa-debug-exit the kernel powers off through ACPI: exit 0.
-    name=fvtest-acpi-off
+    name="fvtest-acpi-off"
     if boot "$name" 0 -machine q35 -accel "$accel" -smp 2 -m 128 -kernel "$fvtest" -append "iters=1000"; then
         need "$name" '^FVTEST: PASS' && ok "$name"
     fi
     # FAIL path: too little RAM for the test regions -> FAIL marker, exit 35.
-    name=fvtest-fail-path
+    name="fvtest-fail-path"
     if boot "$name" 35 -machine q35 -accel "$accel" -smp 4 -m 16 -kernel "$fvtest" "${debug_exit[@]}"; then
         need "$name" '^FVTEST: FAIL ' && ok "$name"
     fi
     if [ "$kvm_mode" = 1 ] || { [ "$kvm_mode" = auto ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; }; then
-        name=fvtest-kvm-smp2
+        name="fvtest-kvm-smp2"
         if boot "$name" 33 -machine q35 -accel "$kvm_accel" -smp 2 -m 128 -kernel "$fvtest" "${debug_exit[@]}"; then
             need "$name" '^FVTEST: PASS' && need "$name" '^FVTEST: ipi 1->bsp ok' && ok "$name"
         fi
@@ -121,13 +121,13 @@ if [ -z "$only" ] || [ "$only" = linux ]; then
     append='console=ttyS0 clocksource=tsc tsc=reliable panic=-1'
     linux=(-machine q35 -accel "$accel" -m 512 -kernel "$vmlinuz" -initrd "$initrd")
 
-    name=linux-idle-smp2
+    name="linux-idle-smp2"
     if boot "$name" 0 "${linux[@]}" -smp 2 -no-reboot -append "$append fv.workload=idle"; then
         need "$name" '^FV: cpus online=0-1 count=2' && need "$name" '^FV: clocksource=tsc' \
             && need "$name" '^FV: RESULT PASS' && ok "$name"
     fi
 
-    name=linux-all-smp4-numa2
+    name="linux-all-smp4-numa2"
     numa=(-object memory-backend-ram,id=m0,size=256M -object memory-backend-ram,id=m1,size=256M
           -numa node,nodeid=0,cpus=0-1,memdev=m0 -numa node,nodeid=1,cpus=2-3,memdev=m1)
     if boot "$name" 0 "${linux[@]}" -smp 4 "${numa[@]}" -no-reboot \
@@ -148,7 +148,7 @@ if [ -z "$only" ] || [ "$only" = linux ]; then
     fi
 
     # Reboot: no -no-reboot; the guest reboots once (CMOS marker) and powers off.
-    name=linux-reboot-smp2
+    name="linux-reboot-smp2"
     if boot "$name" 0 "${linux[@]}" -smp 2 -append "$append fv.workload=reboot"; then
         need "$name" '^FV: boot ' 2 && need "$name" '^FV: reboot-test done boots=2' \
             && need "$name" '^FV: RESULT PASS workload=reboot' && ok "$name"

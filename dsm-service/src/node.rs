@@ -932,6 +932,21 @@ impl Engine {
                 self.on_grant(page, mode, data, acks, out)
             }
             Msg::Data { bytes, .. } => self.on_ack(page, Some(bytes), out),
+            Msg::GrantRun { mode, bytes, .. } => {
+                let count = (bytes.len() / PAGE_SIZE) as u64;
+                if page + count > self.space.pages()
+                    || (page..page + count).any(|p| self.homes.home(p) != from)
+                {
+                    return Err(format!(
+                        "grant run at page {page} from node {from}, which is not its home"
+                    ));
+                }
+                if self.install_run(page, mode, bytes, out)? {
+                    Ok(())
+                } else {
+                    self.grant_run_one_by_one(from, page, mode, bytes, out)
+                }
+            }
             Msg::InvAck { .. } => self.on_ack(page, None, out),
         }
     }
@@ -962,10 +977,97 @@ impl Engine {
         let (s, i) = shard(page);
         let mut dir = self.dir[s].lock().expect("lock");
         let e = &mut dir[i];
+        if e.busy.is_none() && e.queue.is_none() {
+            e.busy = Some(r);
+            return self.run_transaction(page, e, r, access, out);
+        }
         e.queue
             .get_or_insert_with(Default::default)
             .push_back((r, access));
         self.drain_queue(page, e, out)
+    }
+
+    /// Serves a run of read requests from `r` for consecutive pages that
+    /// this home holds Exclusive and nobody else has — the shape of a
+    /// sequential prefetch — with one write-protect for the whole run instead
+    /// of one per page (each costs a TLB shootdown). Returns how many pages
+    /// from `first` it served (0: none qualified; handle them one by one).
+    fn serve_read_run(
+        &self,
+        r: NodeId,
+        first: u64,
+        n: u64,
+        out: &mut Outbox,
+    ) -> Result<u64, String> {
+        // Claim: the directory takes the decision for each page and marks it
+        // busy, so no other transaction touches it until the grant is sent.
+        let mut claimed = 0;
+        while claimed < n {
+            let page = first + claimed;
+            let (s, i) = shard(page);
+            let mut dir = self.dir[s].lock().expect("lock");
+            let e = &mut dir[i];
+            let idle = e.busy.is_none() && e.queue.is_none();
+            let held = self.local[s].lock().expect("lock").state[i] == LocalState::Exclusive as u8;
+            if !idle || !held || e.dir.owner != Some(self.me) || r == self.me {
+                break;
+            }
+            let plan = decide(&mut e.dir, self.me, r, Access::Read);
+            debug_assert_eq!(plan.data, DataSource::Node(self.me));
+            e.busy = Some(r);
+            claimed += 1;
+        }
+        if claimed == 0 {
+            return Ok(0);
+        }
+        let addr = self.space.addr_of(first);
+        self.uffd
+            .write_protect(addr, claimed * PAGE_SIZE as u64, true)
+            .map_err(|e| e.to_string())?;
+        for page in first..first + claimed {
+            let (s, i) = shard(page);
+            self.local[s].lock().expect("lock").state[i] = LocalState::Shared as u8;
+            Self::note_direct(out, r, page, 0);
+        }
+        // SAFETY: the run's pages are present (held, claimed busy so no
+        // transaction can drop them), consecutive in one region, and
+        // write-protected just above.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(addr as *const u8, claimed as usize * PAGE_SIZE) };
+        let run = Msg::GrantRun {
+            page: first,
+            mode: LocalState::Shared,
+            bytes,
+        };
+        self.emit(out, r, &run);
+        Stats::add(&self.stats.served, claimed);
+        Stats::add(&self.stats.pages_sent, claimed);
+        Ok(claimed)
+    }
+
+    /// How many messages at the head of `msgs` are read requests from a
+    /// remote node for consecutive pages of one region homed here.
+    fn read_request_run(&self, from: NodeId, msgs: &[Msg<'_>]) -> u64 {
+        let Some(&Msg::Request {
+            page: first,
+            write: false,
+            ..
+        }) = msgs.first()
+        else {
+            return 0;
+        };
+        if from == self.me {
+            return 0;
+        }
+        msgs.iter()
+            .take(256)
+            .enumerate()
+            .take_while(|&(k, m)| {
+                matches!(*m, Msg::Request { page, write: false, .. }
+                    if page == first + k as u64 && page < self.space.pages()
+                        && self.space.same_region(first, page) && self.homes.home(page) == self.me)
+            })
+            .count() as u64
     }
 
     fn on_done(&self, from: NodeId, page: u64, out: &mut Outbox) -> Result<(), String> {
@@ -1304,9 +1406,37 @@ impl Engine {
         let mut i = 0;
         while i < msgs.len() {
             let run = self.direct_grant_run(from, &msgs[i..]);
-            if run >= 2 && self.install_run(&msgs[i..i + run], out)? {
-                i += run;
-                continue;
+            if run >= 2 {
+                let (first, mode) = match msgs[i] {
+                    Msg::Grant { page, mode, .. } => (page, mode),
+                    _ => unreachable!("a run starts with a grant"),
+                };
+                let mut data = Vec::with_capacity(run * PAGE_SIZE);
+                for m in &msgs[i..i + run] {
+                    if let Msg::Grant {
+                        data: GrantData::Inline(b),
+                        ..
+                    } = *m
+                    {
+                        data.extend_from_slice(b);
+                    }
+                }
+                if self.install_run(first, mode, &data, out)? {
+                    i += run;
+                    continue;
+                }
+            }
+            let reads = self.read_request_run(from, &msgs[i..]);
+            if reads >= 2 {
+                let Msg::Request { page, .. } = msgs[i] else {
+                    unreachable!("a run starts with a request")
+                };
+                let served = self.serve_read_run(from, page, reads, out)?;
+                if served > 0 {
+                    i += served as usize;
+                    self.flush(out);
+                    continue;
+                }
             }
             let urgent = matches!(
                 msgs[i],
@@ -1351,26 +1481,27 @@ impl Engine {
             .count()
     }
 
-    /// Installs a run of direct grants with one `UFFDIO_COPY`. Returns false
-    /// (having changed nothing) when some page is not in the expected state;
-    /// the caller then handles the messages one by one.
-    fn install_run(&self, grants: &[Msg<'_>], out: &mut Outbox) -> Result<bool, String> {
-        let parts: Vec<(u64, LocalState, &[u8])> = grants
-            .iter()
-            .filter_map(|m| match *m {
-                Msg::Grant {
-                    page,
-                    mode,
-                    data: GrantData::Inline(b),
-                    ..
-                } => Some((page, mode, b)),
-                _ => None,
-            })
-            .collect();
+    /// Installs a run of direct grants (`data` holds consecutive pages from
+    /// `first`) with one `UFFDIO_COPY`. Returns false (having changed
+    /// nothing) when some page is not in the expected state; the caller then
+    /// handles the grants one by one.
+    fn install_run(
+        &self,
+        first: u64,
+        mode: LocalState,
+        data: &[u8],
+        out: &mut Outbox,
+    ) -> Result<bool, String> {
+        let count = (data.len() / PAGE_SIZE) as u64;
+        if first + count > self.space.pages() || !self.space.same_region(first, first + count - 1) {
+            return Err(format!(
+                "grant run of {count} pages at {first} crosses a region"
+            ));
+        }
         // Phase 1: every page awaits exactly this grant. Nothing else can
         // change them meanwhile: later messages about them come from their
         // home over this same link, and are handled after this frame.
-        for &(page, _, _) in &parts {
+        for page in first..first + count {
             let (s, i) = shard(page);
             let sh = self.local[s].lock().expect("lock");
             let ok = sh.state[i] == LocalState::Invalid as u8
@@ -1383,15 +1514,9 @@ impl Engine {
             }
         }
         // Phase 2: one copy for the whole run.
-        let (first, mode) = (parts[0].0, parts[0].1);
-        let mut data = Vec::with_capacity(parts.len() * PAGE_SIZE);
-        for &(_, _, b) in &parts {
-            data.extend_from_slice(b);
-        }
         let addr = self.space.addr_of(first);
-        // SAFETY: the run lies in one registered region (checked when the run
-        // was formed).
-        match unsafe { self.uffd.copy(addr, &data, mode == LocalState::Shared) } {
+        // SAFETY: the run lies in one registered region (checked above).
+        match unsafe { self.uffd.copy(addr, data, mode == LocalState::Shared) } {
             Ok(uffd::CopyOutcome::Copied) => {}
             Ok(uffd::CopyOutcome::AlreadyPresent) => {
                 return Err(format!("pages {first}.. granted while already present"));
@@ -1402,7 +1527,7 @@ impl Engine {
             h(addr, data.len() as u64);
         }
         // Phase 3: record.
-        for &(page, _, _) in &parts {
+        for page in first..first + count {
             let (s, i) = shard(page);
             let mut sh = self.local[s].lock().expect("lock");
             sh.state[i] = mode as u8;
@@ -1415,8 +1540,29 @@ impl Engine {
                     .record(p.t0.elapsed().as_nanos() as u64);
             }
         }
-        Stats::add(&self.stats.pages_received, parts.len() as u64);
+        Stats::add(&self.stats.pages_received, count);
         Ok(true)
+    }
+
+    /// A run that cannot be installed at once: its pages one by one.
+    fn grant_run_one_by_one(
+        &self,
+        from: NodeId,
+        first: u64,
+        mode: LocalState,
+        data: &[u8],
+        out: &mut Outbox,
+    ) -> Result<(), String> {
+        for (k, bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let grant = Msg::Grant {
+                page: first + k as u64,
+                mode,
+                data: GrantData::Inline(bytes),
+                acks: 0,
+            };
+            self.handle(from, grant, out)?;
+        }
+        Ok(())
     }
 
     fn peer_down(&self, peer: NodeId, why: PeerDown) {

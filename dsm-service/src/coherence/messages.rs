@@ -12,6 +12,7 @@
 //! | 5 | Invalidate | requester: u16 |
 //! | 6 | InvAck | — |
 //! | 7 | Done | — |
+//! | 8 | GrantRun | mode: u8, count: u16, count × 4096 bytes — direct grants (acks 0) with data for pages `page..page+count` |
 //!
 //! A message that is cut short, has an unknown tag or a field out of range
 //! makes the whole frame malformed; the sender is then treated as faulty.
@@ -90,6 +91,17 @@ pub enum Msg<'a> {
         /// Page.
         page: u64,
     },
+    /// Home → requester: direct grants with data for consecutive pages
+    /// (`bytes` holds `count` pages back to back), as one message so the
+    /// requester installs them with one copy.
+    GrantRun {
+        /// First page.
+        page: u64,
+        /// Mode granted for every page.
+        mode: LocalState,
+        /// Contents of the pages.
+        bytes: &'a [u8],
+    },
 }
 
 /// A malformed coherence frame.
@@ -112,7 +124,8 @@ impl Msg<'_> {
             | Msg::Data { page, .. }
             | Msg::Invalidate { page, .. }
             | Msg::InvAck { page }
-            | Msg::Done { page } => page,
+            | Msg::Done { page }
+            | Msg::GrantRun { page, .. } => page,
         }
     }
 
@@ -126,6 +139,7 @@ impl Msg<'_> {
             Msg::Invalidate { page, .. } => (5, page),
             Msg::InvAck { page } => (6, page),
             Msg::Done { page } => (7, page),
+            Msg::GrantRun { page, .. } => (8, page),
         };
         out.push(tag);
         out.extend_from_slice(&page.to_le_bytes());
@@ -163,6 +177,11 @@ impl Msg<'_> {
             Msg::Data { bytes, .. } => out.extend_from_slice(bytes),
             Msg::Invalidate { requester, .. } => out.extend_from_slice(&requester.to_le_bytes()),
             Msg::InvAck { .. } | Msg::Done { .. } => {}
+            Msg::GrantRun { mode, bytes, .. } => {
+                out.push(mode as u8);
+                out.extend_from_slice(&((bytes.len() / PAGE_SIZE) as u16).to_le_bytes());
+                out.extend_from_slice(bytes);
+            }
         }
     }
 }
@@ -278,6 +297,22 @@ impl<'a> Decoder<'a> {
             },
             6 => Msg::InvAck { page },
             7 => Msg::Done { page },
+            8 => {
+                let mode = match self.u8("mode")? {
+                    1 => LocalState::Shared,
+                    2 => LocalState::Exclusive,
+                    m => return Err(self.bad(format!("grant run mode {m}"))),
+                };
+                let count = usize::from(self.u16("count")?);
+                if count == 0 || page.checked_add(count as u64).is_none() {
+                    return Err(self.bad(format!("grant run of {count} pages at {page}")));
+                }
+                Msg::GrantRun {
+                    page,
+                    mode,
+                    bytes: self.take(count * PAGE_SIZE, "page data")?,
+                }
+            }
             t => {
                 return Err(DecodeError {
                     offset: self.pos - 9,
@@ -359,6 +394,11 @@ mod tests {
             },
             Msg::InvAck { page: 7 },
             Msg::Done { page: 8 },
+            Msg::GrantRun {
+                page: 9,
+                mode: LocalState::Shared,
+                bytes: &[7; 2 * PAGE_SIZE],
+            },
         ];
         let mut buf = Vec::new();
         for m in &msgs {

@@ -49,8 +49,12 @@ const B_PONG: u8 = 2;
 const B_STREAM_REQ: u8 = 3;
 const B_STREAM_DATA: u8 = 4;
 
+/// Sequential-read and stream rounds, alternating; the best of each is
+/// reported, so a burst of load on this shared machine hits both alike.
+const SEQ_ROUNDS: u64 = 3;
+
 fn region_pages(seq_mb: u64) -> u64 {
-    D_FIRST + seq_mb * 256
+    D_FIRST + SEQ_ROUNDS * seq_mb * 256
 }
 
 /// The origin writes every page before it joins (so it holds them all).
@@ -183,8 +187,10 @@ pub fn server(node: &Arc<DsmNode>, mem: &Arc<Mem>) -> Result<Value, String> {
     b(node)?; // upgrades
     b(node)?; // ping-pong
     pingpong(mem, 0, u64::MAX)?;
-    b(node)?; // sequential read
-    b(node)?; // stream
+    for _ in 0..SEQ_ROUNDS {
+        b(node)?; // stream
+        b(node)?; // sequential read
+    }
     b(node)?; // done
     Ok(json!({"workload": "bench-server"}))
 }
@@ -382,42 +388,52 @@ fn client(
     let pingpong_ops = (2 * mine) as f64 / pp_secs;
     eprintln!("bench: ping-pong {pingpong_ops:.0} writes/s");
 
-    // Sequential read of seq_mb MiB written by node 0.
-    b(&node)?;
-    let before = node.stats();
-    let t = Instant::now();
-    let mut sum = 0u64;
-    for p in D_FIRST..D_FIRST + a.seq_mb * 256 {
-        for w in 0..(PAGE_SIZE / 8) as u64 {
-            sum = sum.wrapping_add(mem.word(p, w).load(Ordering::Relaxed));
-        }
-    }
-    let seq_secs = t.elapsed().as_secs_f64();
-    let expect: u64 = (D_FIRST..D_FIRST + a.seq_mb * 256).map(|p| 2 * p).sum();
-    if sum != expect {
-        return Err(format!(
-            "sequential read returned wrong data: sum {sum}, expected {expect}"
-        ));
-    }
-    let after = node.stats();
-    let seq_mb_s = a.seq_mb as f64 / seq_secs;
-    eprintln!(
-        "bench: sequential read {seq_mb_s:.0} MB/s ({} faults, {} prefetched)",
-        after.faults() - before.faults(),
-        after.prefetched - before.prefetched
-    );
+    // Rounds of: a raw stream over the same transport, then a sequential
+    // read of seq_mb MiB that node 0 wrote (a fresh range each round).
+    let mut seq_mb_s: f64 = 0.0;
+    let mut stream_mb_s: f64 = 0.0;
+    let mut rounds = Vec::new();
+    for round in 0..SEQ_ROUNDS {
+        b(&node)?;
+        let total = a.seq_mb << 20;
+        let mut req = vec![B_STREAM_REQ];
+        req.extend_from_slice(&total.to_le_bytes());
+        let before = streamed.count.lock().expect("lock").to_owned();
+        let t = Instant::now();
+        node.send_app(0, channel::BENCH, &req)
+            .map_err(|e| chain(&e))?;
+        streamed.wait_for(before + total)?;
+        let stream = a.seq_mb as f64 / t.elapsed().as_secs_f64();
 
-    // Raw stream over the same transport.
-    b(&node)?;
-    let total = a.seq_mb << 20;
-    let mut req = vec![B_STREAM_REQ];
-    req.extend_from_slice(&total.to_le_bytes());
-    let t = Instant::now();
-    node.send_app(0, channel::BENCH, &req)
-        .map_err(|e| chain(&e))?;
-    streamed.wait_for(total)?;
-    let stream_mb_s = a.seq_mb as f64 / t.elapsed().as_secs_f64();
-    eprintln!("bench: tcp stream {stream_mb_s:.0} MB/s");
+        b(&node)?;
+        let first = D_FIRST + round * a.seq_mb * 256;
+        let last = first + a.seq_mb * 256;
+        let st0 = node.stats();
+        let t = Instant::now();
+        let mut sum = 0u64;
+        for p in first..last {
+            for w in 0..(PAGE_SIZE / 8) as u64 {
+                sum = sum.wrapping_add(mem.word(p, w).load(Ordering::Relaxed));
+            }
+        }
+        let seq = a.seq_mb as f64 / t.elapsed().as_secs_f64();
+        let expect: u64 = (first..last).map(|p| 2 * p).sum();
+        if sum != expect {
+            return Err(format!(
+                "sequential read returned wrong data: sum {sum}, expected {expect}"
+            ));
+        }
+        let st1 = node.stats();
+        eprintln!(
+            "bench: round {round}: tcp stream {stream:.0} MB/s, sequential read {seq:.0} MB/s ({} faults, {} prefetched)",
+            st1.faults() - st0.faults(),
+            st1.prefetched - st0.prefetched
+        );
+        rounds
+            .push(json!({"tcp_stream_mb_per_s": stream.round(), "seq_read_mb_per_s": seq.round()}));
+        seq_mb_s = seq_mb_s.max(seq);
+        stream_mb_s = stream_mb_s.max(stream);
+    }
     b(&node)?;
 
     let p50 = |v: &[f64]| percentile(v, 0.5);
@@ -437,6 +453,7 @@ fn client(
         "seq_read_mb_per_s": seq_mb_s.round(),
         "tcp_stream_mb_per_s": stream_mb_s.round(),
         "seq_read_vs_stream": r2(seq_mb_s / stream_mb_s),
+        "seq_rounds": rounds,
         "read_fault_vs_floor": r2(p50(&read) / floor),
         "node1_stats": node.stats(),
     });

@@ -88,6 +88,12 @@ if [ -z "$only" ] || [ "$only" = testkernel ]; then
                 need "$name" "^FVTEST: ipi bsp->$c ok" || r=1
                 need "$name" "^FVTEST: ipi $c->bsp ok" || r=1
             done
+            for ((c = 1; c < smp; c++)); do
+                need "$name" "^FVTEST: ipi logical bsp->$c ok" || r=1
+                need "$name" "^FVTEST: ipi lowest bsp->$c ok" || r=1
+                need "$name" "^FVTEST: nmi bsp->$c ok" || r=1
+            done
+            [ "$smp" -gt 1 ] && { need "$name" "^FVTEST: ipi broadcast bsp->all ok cpus=$((smp - 1))" || r=1; }
             need "$name" "^FVTEST: counter=$((smp * 20000)) expected=$((smp * 20000))" || r=1
             [ $r -eq 0 ] && ok "$name"
         fi

@@ -15,7 +15,8 @@
  *
  * Command line (multiboot, from QEMU -append): cpus=N (use only the first N CPUs),
  * ipis=N (IPIs each way per AP, default 8), iters=N (lock xadd per vCPU, default
- * 20000), memkb=N (private region per vCPU, default 64), aptoap=0 (skip AP->AP IPIs).
+ * 20000), memkb=N (private region per vCPU, default 64), aptoap=0 (skip AP->AP IPIs),
+ * extipi=0 (skip logical/lowest-priority/broadcast IPIs and NMIs).
  *
  * Keep the code boring: it must run through KVM's instruction emulator.
  */
@@ -28,6 +29,8 @@
 #define LAPIC_TPR 0x080
 #define LAPIC_EOI 0x0b0
 #define LAPIC_SVR 0x0f0
+#define LAPIC_LDR 0x0d0
+#define LAPIC_DFR 0x0e0
 #define LAPIC_ESR 0x280
 #define LAPIC_ICR_LO 0x300
 #define LAPIC_ICR_HI 0x310
@@ -36,6 +39,11 @@
 #define LAPIC_LVT_LINT1 0x360
 #define LAPIC_LVT_ERR 0x370
 #define ICR_BUSY (1u << 12)
+#define ICR_LOGICAL (1u << 11)
+#define ICR_ASSERT (1u << 14)
+#define ICR_DM_LOWEST (1u << 8)
+#define ICR_DM_NMI (4u << 8)
+#define ICR_ALL_BUT_SELF (3u << 18)
 
 #define VEC_TO_AP 0x40
 #define VEC_TO_BSP 0x41
@@ -83,6 +91,7 @@ struct percpu {
     volatile uint32_t bsp_recv_from; /* VEC_TO_BSP receipts on the BSP sent by this CPU */
     volatile uint32_t cmd, cmd_arg, cmd_seq, done_seq;
     volatile uint32_t mem_ok;
+    volatile uint32_t nmi_recv;      /* NMIs taken on this CPU */
 } __attribute__((aligned(4096)));
 static struct percpu pcpu[MAXCPU];
 #define online(i) pcpu[i].online
@@ -93,12 +102,13 @@ static struct percpu pcpu[MAXCPU];
 #define cmd_seq(i) pcpu[i].cmd_seq
 #define done_seq(i) pcpu[i].done_seq
 #define mem_ok(i) pcpu[i].mem_ok
+#define nmi_recv(i) pcpu[i].nmi_recv
 static volatile uint32_t cur_sender;           /* AP currently sending to the BSP */
 static volatile uint32_t shared_counter __attribute__((aligned(4096)));
 static volatile uint32_t print_lock __attribute__((aligned(4096)));
 static volatile uint32_t failed;
 
-static uint32_t opt_cpus, opt_ipis = 8, opt_iters = 20000, opt_memkb = 64, opt_aptoap = 1;
+static uint32_t opt_cpus, opt_ipis = 8, opt_iters = 20000, opt_memkb = 64, opt_aptoap = 1, opt_extipi = 1;
 static uint32_t pm1a_cnt, slp_typ_s5;
 
 enum { CMD_NONE, CMD_SEND_TO_BSP, CMD_MEMTEST, CMD_SEND_TO_AP, CMD_HALT };
@@ -301,9 +311,13 @@ void isr_dispatch(struct frame *f)
 {
     uint32_t v = f->vector;
     if (v < 32) {
-        if (v == 2) { /* NMI: unexpected but not fatal to report */
-            say("FAIL unexpected NMI on cpu %u", my_idx());
-            machine_exit(0);
+        if (v == 2) {
+            /*
+             * NMI (the BSP sends one to each AP). Returning without IRET leaves
+             * NMIs blocked on this CPU, so that is one NMI per CPU per boot.
+             */
+            atomic_xadd(&nmi_recv(my_idx()), 1);
+            return;
         }
         fail(exc_names[v], f->error, f->eip);
         return;
@@ -325,9 +339,12 @@ static void idt_init(void)
 
 /* ---------------- local APIC ---------------- */
 
-static void lapic_init(void)
+static void lapic_init(uint32_t idx)
 {
     lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS); /* software enable */
+    /* Flat logical destination model: CPU idx < 8 gets logical ID bit idx. */
+    lapic_write(LAPIC_DFR, 0xffffffffu);
+    lapic_write(LAPIC_LDR, idx < 8 ? (1u << idx) << 24 : 0);
     lapic_write(LAPIC_TPR, 0);
     lapic_write(LAPIC_LVT_TIMER, 0x10000);
     lapic_write(LAPIC_LVT_LINT0, 0x10000);
@@ -520,7 +537,7 @@ static void memtest(uint32_t idx)
 void ap_main(void)
 {
     uint32_t idx = ap_booting_idx;
-    lapic_init();
+    lapic_init(idx);
     uint32_t apic = lapic_read(LAPIC_ID) >> 24;
     if (apic != apic_ids[idx])
         fail("AP has unexpected APIC ID", apic, apic_ids[idx]);
@@ -624,12 +641,13 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
     opt_iters = parse_opt(cl, "iters", opt_iters);
     opt_memkb = parse_opt(cl, "memkb", opt_memkb);
     opt_aptoap = parse_opt(cl, "aptoap", opt_aptoap);
+    opt_extipi = parse_opt(cl, "extipi", opt_extipi);
     if (opt_memkb == 0)
         opt_memkb = 4;
 
     idt_init();
     load_idt();
-    lapic_init();
+    lapic_init(0);
     uint32_t bsp_apic = lapic_read(LAPIC_ID) >> 24;
     say("boot bsp apic=%u lapic_ver=%x mem_kb=%u magic=%x", bsp_apic, lapic_read(LAPIC_VER), mem_kb, magic);
     if (magic != 0x2BADB002)
@@ -710,6 +728,42 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
             if (!ap_wait(i))
                 fail("timeout: AP->AP IPI phase", i, to);
             say("ipi %u->%u ok", i, to);
+        }
+    }
+
+    /*
+     * Other delivery paths (extipi=0 skips them): logical destination (flat LDR
+     * written by each CPU, read by the sender's routing), lowest priority, a
+     * broadcast shorthand, and one NMI per AP (last: NMIs stay blocked after).
+     */
+    if (opt_extipi && n >= 2) {
+        for (uint32_t i = 1; i < n && i < 8; i++) {
+            uint32_t before = ipi_recv(i);
+            send_ipi(1u << i, ICR_LOGICAL | ICR_ASSERT | VEC_TO_AP);
+            if (!wait_eq(&ipi_recv(i), before + 1, 0))
+                fail("timeout: logical-destination IPI", i, before);
+            say("ipi logical bsp->%u ok", i);
+            before = ipi_recv(i);
+            send_ipi(1u << i, ICR_LOGICAL | ICR_ASSERT | ICR_DM_LOWEST | VEC_TO_AP);
+            if (!wait_eq(&ipi_recv(i), before + 1, 0))
+                fail("timeout: lowest-priority IPI", i, before);
+            say("ipi lowest bsp->%u ok", i);
+        }
+        {
+            uint32_t before[MAXCPU];
+            for (uint32_t i = 1; i < n; i++)
+                before[i] = ipi_recv(i);
+            send_ipi(0, ICR_ALL_BUT_SELF | ICR_ASSERT | VEC_TO_AP);
+            for (uint32_t i = 1; i < n; i++)
+                if (!wait_eq(&ipi_recv(i), before[i] + 1, 0))
+                    fail("timeout: broadcast IPI", i, before[i]);
+            say("ipi broadcast bsp->all ok cpus=%u", n - 1);
+        }
+        for (uint32_t i = 1; i < n; i++) {
+            send_ipi(apic_ids[i], ICR_ASSERT | ICR_DM_NMI);
+            if (!wait_eq(&nmi_recv(i), 1, 0))
+                fail("timeout: NMI to AP", i, nmi_recv(i));
+            say("nmi bsp->%u ok", i);
         }
     }
 

@@ -184,43 +184,26 @@ impl FileConfig {
 /// value (or the default) stays.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
-    /// See [`FileConfig`] for the meaning of each field.
+    /// Fields mean what the [`FileConfig`] fields of the same name mean.
     pub nodes: Option<u32>,
-    #[allow(missing_docs)]
     pub engine: Option<Engine>,
-    #[allow(missing_docs)]
     pub machine: Option<String>,
-    #[allow(missing_docs)]
     pub smp: Option<u32>,
-    #[allow(missing_docs)]
     pub memory_mib: Option<u64>,
-    #[allow(missing_docs)]
     pub numa: Option<bool>,
-    #[allow(missing_docs)]
     pub cpu: Option<String>,
-    #[allow(missing_docs)]
     pub kernel: Option<PathBuf>,
-    #[allow(missing_docs)]
     pub initrd: Option<PathBuf>,
-    #[allow(missing_docs)]
     pub append: Option<String>,
     /// Appended after the file's `qemu-args`.
     pub qemu_args: Vec<String>,
-    #[allow(missing_docs)]
     pub qemu: Option<PathBuf>,
-    #[allow(missing_docs)]
     pub network: Option<NetMode>,
-    #[allow(missing_docs)]
     pub port: Option<u16>,
-    #[allow(missing_docs)]
     pub hosts: Option<Vec<String>>,
-    #[allow(missing_docs)]
     pub peer_timeout_ms: Option<u64>,
-    #[allow(missing_docs)]
     pub key_file: Option<PathBuf>,
-    #[allow(missing_docs)]
     pub stop_timeout: Option<f64>,
-    #[allow(missing_docs)]
     pub timeout: Option<f64>,
 }
 

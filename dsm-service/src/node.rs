@@ -172,6 +172,10 @@ impl std::fmt::Debug for DsmNode {
 
 struct Pending {
     prefetch: bool,
+    /// A write fault arrived while this request was outstanding; if the
+    /// grant is only Shared, the writer needs an upgrade (its fault event is
+    /// consumed, so nobody else would ask).
+    want_write: bool,
     t0: Instant,
     grant: Option<(LocalState, u8)>,
     acks_needed: u16,
@@ -431,6 +435,46 @@ impl DsmNode {
     pub fn local_state(&self, page: u64) -> LocalState {
         let (s, i) = shard(page);
         LocalState::from_u8(self.engine.local[s].lock().expect("lock").state[i])
+    }
+
+    /// A human-readable dump of the transactions in progress: this node's
+    /// outstanding requests and, as a home, its busy pages and their queues.
+    /// For diagnosing a stuck cluster (`fragvisor-dsm` prints it on SIGUSR1).
+    pub fn dump_state(&self) -> String {
+        use std::fmt::Write;
+        let e = &self.engine;
+        let mut out = format!("node {} DSM state:\n", e.me);
+        for (k, sh) in e.local.iter().enumerate() {
+            let sh = sh.lock().expect("lock");
+            for (page, p) in &sh.pending {
+                let i = (*page / SHARDS as u64) as usize;
+                let _ = writeln!(
+                    out,
+                    "  pending page {page} (shard {k}) home {} state {:?} prefetch {} grant {:?} acks {}/{} age {:?}",
+                    e.homes.home(*page),
+                    LocalState::from_u8(sh.state[i]),
+                    p.prefetch,
+                    p.grant,
+                    p.acks_got,
+                    p.acks_needed,
+                    p.t0.elapsed()
+                );
+            }
+        }
+        for (k, d) in e.dir.iter().enumerate() {
+            let d = d.lock().expect("lock");
+            for (i, ent) in d.iter().enumerate() {
+                if ent.busy.is_some() || ent.queue.is_some() {
+                    let page = (i * SHARDS + k) as u64;
+                    let _ = writeln!(
+                        out,
+                        "  home page {page}: owner {:?} sharers {:#x} busy {:?} queue {:?}",
+                        ent.dir.owner, ent.dir.sharers, ent.busy, ent.queue
+                    );
+                }
+            }
+        }
+        out
     }
 
     /// Waits until every node has called `barrier` the same number of times.
@@ -725,7 +769,8 @@ impl Engine {
                 let _ = self.uffd.wake(f.addr, PAGE_SIZE as u64);
                 return;
             }
-            if sh.pending.contains_key(&page) {
+            if let Some(p) = sh.pending.get_mut(&page) {
+                p.want_write |= write;
                 drop(sh);
                 if !write {
                     self.stream_demand(page);
@@ -1392,7 +1437,26 @@ impl Engine {
             self.emit(out, home, &Msg::Done { page });
         }
         // else: a direct grant; the home already considers it done.
+        self.upgrade_if_wanted(sh, page, mode, p.want_write, out);
         Ok(())
+    }
+
+    /// After installing `page` in `mode`: a write fault that arrived while
+    /// the request was outstanding still waits if the page is only Shared;
+    /// ask for it (after the `Done`, which is already in the outbox).
+    fn upgrade_if_wanted(
+        &self,
+        sh: &mut LocalShard,
+        page: u64,
+        mode: LocalState,
+        want_write: bool,
+        out: &mut Outbox,
+    ) {
+        if want_write && mode == LocalState::Shared {
+            sh.pending.insert(page, Pending::new(false, Instant::now()));
+            Stats::bump(&self.stats.upgrades);
+            self.request(page, true, false, out);
+        }
     }
 
     /// Handles one coherence frame; a malformed frame is refused whole.
@@ -1539,6 +1603,9 @@ impl Engine {
                     .fault_latency
                     .record(p.t0.elapsed().as_nanos() as u64);
             }
+            // A write fault between the copy and here found the page still
+            // pending; it waits for us.
+            self.upgrade_if_wanted(&mut sh, page, mode, p.want_write, out);
         }
         Stats::add(&self.stats.pages_received, count);
         Ok(true)
@@ -1590,6 +1657,7 @@ impl Pending {
     fn new(prefetch: bool, t0: Instant) -> Pending {
         Pending {
             prefetch,
+            want_write: false,
             t0,
             grant: None,
             acks_needed: 0,

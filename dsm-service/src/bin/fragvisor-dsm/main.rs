@@ -211,7 +211,15 @@ pub fn start_node(a: &NodeArgs) -> Result<(DsmNode, workload::Mem), String> {
     Ok((node, mem))
 }
 
+static DUMP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_: libc::c_int) {
+    DUMP_REQUESTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn node_main(a: &NodeArgs) -> ExitCode {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t) };
     let me = a.node_id;
     let (node, mem) = match start_node(a) {
         Ok(x) => x,
@@ -255,6 +263,9 @@ fn node_main(a: &NodeArgs) -> ExitCode {
                     ExitCode::from(1)
                 }
             };
+        }
+        if DUMP_REQUESTED.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            eprint!("{}", node.dump_state());
         }
         while let Ok(ev) = events.try_recv() {
             match ev {

@@ -471,3 +471,36 @@ fn wrong_key_node_cannot_join() {
     let _ = std::fs::remove_file(k0);
     let _ = std::fs::remove_file(k1);
 }
+
+#[test]
+fn three_clusters_at_once_stay_coherent_under_load() {
+    // Twelve node processes on two cores: threads are descheduled at every
+    // awkward moment, which is how lost wake-ups show up.
+    let runs: Vec<_> = (0..3)
+        .map(|k| {
+            std::thread::spawn(move || {
+                run_cluster(&[
+                    "--nodes",
+                    "4",
+                    "--workload",
+                    "random",
+                    "--iters",
+                    "4000",
+                    "--pages",
+                    "32",
+                    "--seed",
+                    &(k + 11).to_string(),
+                    "--timeout-s",
+                    "120",
+                ])
+            })
+        })
+        .collect();
+    for r in runs {
+        let text = r.join().expect("cluster thread");
+        assert!(
+            text.contains("all 4 nodes agree on the region checksum"),
+            "{text}"
+        );
+    }
+}

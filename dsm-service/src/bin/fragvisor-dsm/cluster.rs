@@ -35,6 +35,9 @@ pub struct RunArgs {
     /// Peer timeout (ms).
     #[arg(long, default_value_t = 5000)]
     peer_timeout_ms: u64,
+    /// Seed of the random workload.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout_s: u64,
@@ -195,6 +198,7 @@ fn run_inner(a: &RunArgs) -> Result<(), String> {
             .args(["--workload", &a.workload, "--iters", &a.iters.to_string()])
             .args(["--pages", &a.pages.to_string(), "--homes", &a.homes])
             .args(["--peer-timeout-ms", &a.peer_timeout_ms.to_string()])
+            .args(["--seed", &a.seed.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd

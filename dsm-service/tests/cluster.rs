@@ -485,7 +485,7 @@ fn three_clusters_at_once_stay_coherent_under_load() {
                     "--workload",
                     "random",
                     "--iters",
-                    "4000",
+                    "15000",
                     "--pages",
                     "32",
                     "--seed",

@@ -455,6 +455,20 @@ pub fn dsm_config(
     Ok(d)
 }
 
+/// Read-ahead of the DSM for guest RAM: none unless
+/// `FRAGVISOR_DSM_PREFETCH=N` asks for it. A booting Linux guest spins on
+/// locks next to data that vCPUs on other hosts write; pages fetched ahead
+/// on such reads take those pages away from their writers, and the guest
+/// livelocked in early boot (RCU stalls on a runqueue lock) with the
+/// default read-ahead of 64 pages, while it boots and passes every
+/// workload with none.
+pub fn guest_prefetch_max() -> u32 {
+    std::env::var("FRAGVISOR_DSM_PREFETCH")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 impl Runtime {
     /// Joins the cluster with guest RAM `regions` (`(name, host address,
     /// length)`, identical on every host) and starts the runtime threads.
@@ -469,6 +483,7 @@ impl Runtime {
         let opts = DsmOptions {
             homes,
             on_page_change,
+            prefetch_max: guest_prefetch_max(),
             ..DsmOptions::default()
         };
         let node =

@@ -7,6 +7,7 @@
 //! * `rdma::RdmaTransport` (feature `rdma`): InfiniBand/RoCE verbs.
 
 pub mod handshake;
+mod mesh;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;

@@ -48,6 +48,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
 use super::handshake::{self, Expect, HandshakeError};
+use super::mesh::{self, MeshSide};
 use super::tcp::HANDSHAKE_TIMEOUT;
 use super::{channel, FrameSink, PeerDown, Transport, TransportError};
 use crate::{ClusterConfig, NodeId};
@@ -169,22 +170,6 @@ impl RdmaTransport {
                 .spawn(move || inner.accept_loop(listener))
                 .expect("spawn acceptor");
         }
-        let deadline = Instant::now() + cfg.connect_timeout;
-        let (err_tx, err_rx) = std::sync::mpsc::channel();
-        for peer in 0..me {
-            let inner = inner.clone();
-            let err_tx = err_tx.clone();
-            thread::Builder::new()
-                .name(format!("fv-rdma-dial-{me}-{peer}"))
-                .spawn(move || {
-                    if let Err(e) = inner.dial(peer, deadline) {
-                        let _ = err_tx.send(e);
-                        inner.up_cv.notify_all();
-                    }
-                })
-                .expect("spawn dialer");
-        }
-        drop(err_tx);
         {
             let inner = inner.clone();
             thread::Builder::new()
@@ -192,31 +177,7 @@ impl RdmaTransport {
                 .spawn(move || inner.heartbeat_loop())
                 .expect("spawn heartbeat");
         }
-        let mut up = inner.up.lock().expect("lock");
-        while *up < n - 1 {
-            if let Ok(e) = err_rx.try_recv() {
-                drop(up);
-                inner.stop();
-                inner.close_all();
-                return Err(e);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let missing = (0..n as NodeId)
-                    .filter(|&p| p != me && inner.links[usize::from(p)].get().is_none())
-                    .collect();
-                drop(up);
-                inner.stop();
-                inner.close_all();
-                return Err(TransportError::ConnectTimeout {
-                    secs: cfg.connect_timeout.as_secs(),
-                    missing,
-                });
-            }
-            let wait = (deadline - now).min(Duration::from_millis(50));
-            up = inner.up_cv.wait_timeout(up, wait).expect("lock").0;
-        }
-        drop(up);
+        mesh::establish(&inner, cfg, "rdma-")?;
         info!(node = me, peers = n - 1, "RDMA cluster mesh is up");
         Ok(Arc::new(RdmaTransport { inner }))
     }
@@ -778,6 +739,25 @@ struct TxState {
 struct RxState {
     mr: MemoryRegion<u8>,
     asm: Reassembler,
+}
+
+impl MeshSide for Inner {
+    fn dial(self: &Arc<Self>, peer: NodeId, deadline: Instant) -> Result<(), TransportError> {
+        Inner::dial(self, peer, deadline)
+    }
+
+    fn linked(&self, peer: NodeId) -> bool {
+        self.links[usize::from(peer)].get().is_some()
+    }
+
+    fn up(&self) -> (&Mutex<usize>, &Condvar) {
+        (&self.up, &self.up_cv)
+    }
+
+    fn abort(&self) {
+        self.stop();
+        self.close_all();
+    }
 }
 
 impl Inner {

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::handshake::{self, Expect, HandshakeError};
+use super::mesh::{self, MeshSide};
 use super::{channel, FrameSink, PeerDown, Transport, TransportError};
 use crate::{ClusterConfig, NodeId};
 
@@ -108,22 +109,6 @@ impl TcpTransport {
                 .spawn(move || inner.accept_loop(listener))
                 .expect("spawn acceptor");
         }
-        let deadline = Instant::now() + cfg.connect_timeout;
-        let (err_tx, err_rx) = std::sync::mpsc::channel();
-        for peer in 0..me {
-            let inner = inner.clone();
-            let err_tx = err_tx.clone();
-            thread::Builder::new()
-                .name(format!("fv-dial-{me}-{peer}"))
-                .spawn(move || {
-                    if let Err(e) = inner.dial(peer, deadline) {
-                        let _ = err_tx.send(e);
-                        inner.up_cv.notify_all();
-                    }
-                })
-                .expect("spawn dialer");
-        }
-        drop(err_tx);
         {
             let inner2 = inner.clone();
             thread::Builder::new()
@@ -131,29 +116,7 @@ impl TcpTransport {
                 .spawn(move || inner2.heartbeat_loop())
                 .expect("spawn heartbeat");
         }
-        let mut up = inner.up.lock().expect("lock");
-        while *up < n - 1 {
-            if let Ok(e) = err_rx.try_recv() {
-                drop(up);
-                inner.stop();
-                return Err(e);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let missing = (0..n as NodeId)
-                    .filter(|&p| p != me && inner.links[usize::from(p)].get().is_none())
-                    .collect();
-                drop(up);
-                inner.stop();
-                return Err(TransportError::ConnectTimeout {
-                    secs: cfg.connect_timeout.as_secs(),
-                    missing,
-                });
-            }
-            let wait = (deadline - now).min(Duration::from_millis(50));
-            up = inner.up_cv.wait_timeout(up, wait).expect("lock").0;
-        }
-        drop(up);
+        mesh::establish(&inner, cfg, "")?;
         info!(node = me, peers = n - 1, "cluster mesh is up");
         Ok(Arc::new(TcpTransport { inner }))
     }
@@ -193,6 +156,24 @@ impl Transport for TcpTransport {
 impl Drop for TcpTransport {
     fn drop(&mut self) {
         self.inner.stop();
+    }
+}
+
+impl MeshSide for Inner {
+    fn dial(self: &Arc<Self>, peer: NodeId, deadline: Instant) -> Result<(), TransportError> {
+        Inner::dial(self, peer, deadline)
+    }
+
+    fn linked(&self, peer: NodeId) -> bool {
+        self.links[usize::from(peer)].get().is_some()
+    }
+
+    fn up(&self) -> (&Mutex<usize>, &Condvar) {
+        (&self.up, &self.up_cv)
+    }
+
+    fn abort(&self) {
+        self.stop();
     }
 }
 

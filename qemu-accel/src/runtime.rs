@@ -532,6 +532,7 @@ impl Runtime {
                 .map_err(|e| RuntimeError::Dsm(e.to_string()))?;
         }
         let calls = rt.calls.clone();
+        let ending = rt.ending.clone();
         let me = node.id();
         node.set_app_handler(Arc::new(move |from, ch, payload: &[u8]| {
             if ch != RUNTIME_CHANNEL {
@@ -549,6 +550,11 @@ impl Runtime {
                     let _ = exec_tx.send((from, seq, access, data));
                 }
                 Ok(m) => {
+                    if matches!(m, Message::Lifecycle(Lifecycle::PowerOff)) {
+                        // Before the sender's connection closes: its exit is
+                        // no failure.
+                        ending.store(true, Ordering::Release);
+                    }
                     let _ = app_tx.send(AppJob::Message(from, m));
                 }
                 Err(e) => warn!(node = me, peer = from, error = %e, "dropped runtime frame"),
@@ -766,11 +772,18 @@ impl Runtime {
 
     fn watch(&self, events: &Receiver<DsmEvent>) {
         while let Ok(ev) = events.recv() {
+            if matches!(ev, DsmEvent::PeerFailed { .. } | DsmEvent::PeerLeft { .. })
+                && self.ending.load(Ordering::Acquire)
+            {
+                // A power-off is under way: peers that exit first may close
+                // their connections abruptly. Nobody waits for them.
+                self.fail_calls(|| RuntimeError::Stopping);
+                continue;
+            }
             let (node, reason) = match ev {
                 DsmEvent::PeerFailed { node, reason } => (node, reason),
                 DsmEvent::PeerLeft { node } => {
-                    if self.ending.load(Ordering::Acquire) || self.stopping.load(Ordering::Acquire)
-                    {
+                    if self.stopping.load(Ordering::Acquire) {
                         continue;
                     }
                     (

@@ -1,0 +1,520 @@
+//! Aggregate VMs: one guest across several QEMU processes ("hosts") on
+//! loopback, each with `-accel fragvisor[-tcg],nodes=N,node-id=K,...`.
+//!
+//! - TCG engine, Debian kernel + busybox initramfs, q35, `-smp 4`, one
+//!   guest NUMA node per host, 2 and 4 nodes: every CPU online with the
+//!   NUMA node of its host, a workload pinned to each CPU, a shared
+//!   atomic counter across hosts, power-off with every node exiting 0, and
+//!   each node's summary naming its own vCPUs.
+//! - `reboot -f` in a 2-node VM boots the guest again on the same nodes.
+//! - `kill -9` of a non-origin node: the origin stops within 10 s with an
+//!   error naming it.
+//! - KVM engine: the tiny test kernel with 2 vCPUs on 2 nodes (AP started
+//!   by SIPI across hosts, IPIs both ways, port I/O of the node-1 vCPU
+//!   printed by the origin's serial port).
+//!
+//! The clusters run one at a time: each node process runs vCPU threads,
+//! and this machine has 2 cores.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use fragvisor_e2e::{artifact_from_script, qemu_binary, test_kernel};
+
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serialize() -> MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A scratch directory for this test process.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fv-aggregate-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// `count` loopback ports that are free right now.
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// One node process, its output streamed line by line.
+struct Node {
+    id: usize,
+    child: Child,
+    stdout_rx: Receiver<String>,
+    stdout: Vec<String>,
+    stderr: thread::JoinHandle<String>,
+    status: Option<ExitStatus>,
+}
+
+/// The outcome of one node.
+#[derive(Debug)]
+struct NodeResult {
+    id: usize,
+    status: Option<ExitStatus>,
+    stdout: String,
+    stderr: String,
+}
+
+impl NodeResult {
+    fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+}
+
+fn transcript(results: &[NodeResult]) -> String {
+    let mut s = String::new();
+    for r in results {
+        s.push_str(&format!(
+            "===== node {} ({:?})\n--- stdout ---\n{}\n--- stderr ---\n{}\n",
+            r.id, r.status, r.stdout, r.stderr
+        ));
+    }
+    s
+}
+
+/// How the guest of a cluster is booted.
+enum Guest {
+    /// Debian kernel + initramfs, `-append` text.
+    Linux(String),
+    /// The tiny test kernel, `-append` text.
+    TestKernel(String),
+}
+
+struct ClusterSpec {
+    engine: &'static str,
+    nodes: usize,
+    smp: usize,
+    mem_mib: usize,
+    guest: Guest,
+    no_reboot: bool,
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    _dir: PathBuf,
+}
+
+impl Cluster {
+    fn start(spec: &ClusterSpec) -> Cluster {
+        let dir = scratch(&format!("{}-{}", spec.engine, spec.nodes));
+        let key = dir.join("key");
+        std::fs::write(&key, "aggregate-e2e-test-cluster-key-0123456789\n").expect("write key");
+        let ports = free_ports(spec.nodes);
+        let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let peers = peers.join(";");
+        let qemu = qemu_binary();
+
+        let mut guest_args: Vec<String> = Vec::new();
+        match &spec.guest {
+            Guest::Linux(append) => {
+                let kernel =
+                    artifact_from_script("FRAGVISOR_GUEST_KERNEL", "guest-kernel/fetch-kernel.sh");
+                let initrd =
+                    artifact_from_script("FRAGVISOR_INITRAMFS", "guest-kernel/build-initramfs.sh");
+                guest_args.extend([
+                    "-kernel".into(),
+                    kernel.display().to_string(),
+                    "-initrd".into(),
+                    initrd.display().to_string(),
+                    "-append".into(),
+                    append.clone(),
+                ]);
+            }
+            Guest::TestKernel(append) => {
+                let elf = test_kernel(&dir);
+                guest_args.extend([
+                    "-kernel".into(),
+                    elf.display().to_string(),
+                    "-append".into(),
+                    append.clone(),
+                    "-device".into(),
+                    "isa-debug-exit,iobase=0xf4,iosize=0x04".into(),
+                ]);
+            }
+        }
+
+        // One guest NUMA node per host: node k's vCPUs and memory on host k.
+        let per = spec.smp / spec.nodes;
+        let node_mem = spec.mem_mib / spec.nodes;
+        let mut numa: Vec<String> = Vec::new();
+        if matches!(spec.guest, Guest::Linux(_)) {
+            for k in 0..spec.nodes {
+                numa.extend([
+                    "-object".into(),
+                    format!("memory-backend-ram,id=m{k},size={node_mem}M"),
+                    "-numa".into(),
+                    format!(
+                        "node,nodeid={k},cpus={}-{},memdev=m{k}",
+                        k * per,
+                        k * per + per - 1
+                    ),
+                ]);
+            }
+        }
+
+        let mut nodes = Vec::new();
+        // Start the non-origin nodes first; all of them wait for each other.
+        for k in (0..spec.nodes).rev() {
+            let accel = format!(
+                "{},nodes={},node-id={k},peers={peers},key-file={}",
+                spec.engine,
+                spec.nodes,
+                key.display()
+            );
+            let mut cmd = Command::new(&qemu);
+            cmd.args([
+                "-machine",
+                "q35,smm=off",
+                "-accel",
+                &accel,
+                "-smp",
+                &format!("{},sockets={}", spec.smp, spec.nodes),
+                "-m",
+                &spec.mem_mib.to_string(),
+                "-nodefaults",
+                "-display",
+                "none",
+                // Only the origin's serial port is live; the others are idle copies.
+                "-serial",
+                if k == 0 { "stdio" } else { "null" },
+            ]);
+            if spec.no_reboot {
+                cmd.arg("-no-reboot");
+            }
+            cmd.args(&numa).args(&guest_args);
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", qemu.display()));
+            let (tx, rx) = channel();
+            let out = child.stdout.take().expect("piped stdout");
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line.trim_end_matches('\r').to_string()).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut err = child.stderr.take().expect("piped stderr");
+            let stderr = thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = err.read_to_end(&mut buf);
+                String::from_utf8_lossy(&buf).into_owned()
+            });
+            nodes.push(Node {
+                id: k,
+                child,
+                stdout_rx: rx,
+                stdout: Vec::new(),
+                stderr,
+                status: None,
+            });
+        }
+        nodes.sort_by_key(|n| n.id);
+        Cluster { nodes, _dir: dir }
+    }
+
+    fn pump(&mut self) {
+        for n in &mut self.nodes {
+            while let Ok(line) = n.stdout_rx.try_recv() {
+                n.stdout.push(line);
+            }
+            if n.status.is_none() {
+                n.status = n.child.try_wait().expect("wait for a node");
+            }
+        }
+    }
+
+    /// Waits until the origin printed a line containing `needle`.
+    fn wait_origin_line(&mut self, needle: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            self.pump();
+            if self.nodes[0].stdout.iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            if self.nodes.iter().all(|n| n.status.is_some()) {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Waits for `node` to exit (true) or the timeout (false).
+    fn wait_node(&mut self, node: usize, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            self.pump();
+            if self.nodes[node].status.is_some() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    fn kill9(&mut self, node: usize) {
+        let _ = self.nodes[node].child.kill();
+        let _ = self.nodes[node].child.wait();
+    }
+
+    /// Waits for every node (killing those still running at the timeout)
+    /// and returns what each printed.
+    fn finish(mut self, timeout: Duration) -> Vec<NodeResult> {
+        let start = Instant::now();
+        loop {
+            self.pump();
+            if self.nodes.iter().all(|n| n.status.is_some()) || start.elapsed() >= timeout {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let mut results = Vec::new();
+        for mut n in self.nodes.drain(..) {
+            if n.status.is_none() {
+                let _ = n.child.kill();
+                let _ = n.child.wait();
+            }
+            while let Ok(line) = n.stdout_rx.recv_timeout(Duration::from_millis(200)) {
+                n.stdout.push(line);
+            }
+            results.push(NodeResult {
+                id: n.id,
+                status: n.status,
+                stdout: n.stdout.join("\n"),
+                stderr: n.stderr.join().unwrap_or_default(),
+            });
+        }
+        results
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.child.kill();
+            let _ = n.child.wait();
+        }
+    }
+}
+
+fn linux_append(workload: &str) -> String {
+    format!("console=ttyS0 clocksource=tsc tsc=reliable panic=-1 {workload}")
+}
+
+/// The summary line of node `id`, with the count of each vCPU it ran.
+fn summary_counts(r: &NodeResult) -> Vec<(u32, u64)> {
+    let prefix = format!("fragvisor: node {} summary:", r.id);
+    let line = r
+        .stderr
+        .lines()
+        .chain(r.stdout.lines())
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("node {} printed no summary line", r.id));
+    let list = line
+        .split("vcpus=[")
+        .nth(1)
+        .and_then(|s| s.split(']').next())
+        .unwrap_or_else(|| panic!("no vcpus=[...] in {line}"));
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (cpu, count) = s
+                .trim_start_matches("cpu")
+                .split_once(':')
+                .unwrap_or_else(|| panic!("bad vCPU entry {s} in {line}"));
+            (cpu.parse().expect("cpu"), count.parse().expect("count"))
+        })
+        .collect()
+}
+
+fn linux_cluster_runs_workloads(nodes: usize) {
+    let _one = serialize();
+    let spec = ClusterSpec {
+        engine: "fragvisor-tcg",
+        nodes,
+        smp: 4,
+        mem_mib: 512,
+        guest: Guest::Linux(linux_append("fv.workload=all")),
+        no_reboot: true,
+    };
+    let results = Cluster::start(&spec).finish(Duration::from_secs(420));
+    let all = transcript(&results);
+    for r in &results {
+        assert_eq!(r.code(), Some(0), "node {} did not exit 0\n{all}", r.id);
+    }
+    let console = &results[0].stdout;
+    for needle in [
+        "FV: cpus online=0-3 count=4",
+        "FV: RESULT PASS",
+        "FV: poweroff",
+    ] {
+        assert!(console.contains(needle), "console lacks {needle:?}\n{all}");
+    }
+    let per = 4 / nodes;
+    for cpu in 0..4 {
+        let host = cpu / per;
+        let want = format!("FV: cpu {cpu} node {host}");
+        assert!(console.lines().any(|l| l == want), "no {want:?}\n{all}");
+        let line = console
+            .lines()
+            .find(|l| l.starts_with(&format!("FV: percpu cpu={cpu} ")))
+            .unwrap_or_else(|| panic!("no percpu result for cpu {cpu}\n{all}"));
+        assert!(line.ends_with(" ok"), "cpu {cpu}: {line}\n{all}");
+    }
+    let counter = console
+        .lines()
+        .find(|l| l.starts_with("FV: counter threads=4 "))
+        .unwrap_or_else(|| panic!("no counter result\n{all}"));
+    assert!(counter.ends_with(" ok"), "{counter}\n{all}");
+    for r in &results {
+        let counts = summary_counts(r);
+        let mine: Vec<u32> = (0..4u32).filter(|c| *c as usize / per == r.id).collect();
+        let ran: Vec<u32> = counts.iter().map(|(c, _)| *c).collect();
+        assert_eq!(ran, mine, "node {} summary vCPUs\n{all}", r.id);
+        for (cpu, n) in counts {
+            assert!(n > 0, "node {} ran vCPU {cpu} zero times\n{all}", r.id);
+        }
+    }
+}
+
+#[test]
+fn tcg_two_nodes_numa_workloads_and_poweroff() {
+    linux_cluster_runs_workloads(2);
+}
+
+#[test]
+fn tcg_four_nodes_numa_workloads_and_poweroff() {
+    linux_cluster_runs_workloads(4);
+}
+
+#[test]
+fn tcg_two_nodes_reboot_boots_again() {
+    let _one = serialize();
+    let spec = ClusterSpec {
+        engine: "fragvisor-tcg",
+        nodes: 2,
+        smp: 4,
+        mem_mib: 512,
+        guest: Guest::Linux(linux_append("fv.workload=reboot")),
+        no_reboot: false,
+    };
+    let results = Cluster::start(&spec).finish(Duration::from_secs(420));
+    let all = transcript(&results);
+    for r in &results {
+        assert_eq!(r.code(), Some(0), "node {} did not exit 0\n{all}", r.id);
+    }
+    let console = &results[0].stdout;
+    let boots = console
+        .lines()
+        .filter(|l| l.starts_with("FV: boot "))
+        .count();
+    assert_eq!(boots, 2, "expected two boots\n{all}");
+    assert_eq!(
+        console
+            .lines()
+            .filter(|l| l.starts_with("FV: cpus online=0-3 count=4"))
+            .count(),
+        2,
+        "every CPU online in both boots\n{all}"
+    );
+    assert!(
+        console.contains("FV: reboot-test done boots=2") && console.contains("FV: RESULT PASS"),
+        "{all}"
+    );
+}
+
+#[test]
+fn tcg_killed_node_stops_the_origin_naming_it() {
+    let _one = serialize();
+    let spec = ClusterSpec {
+        engine: "fragvisor-tcg",
+        nodes: 2,
+        smp: 4,
+        mem_mib: 512,
+        guest: Guest::Linux(linux_append("fv.workload=counter fv.iters=1000000000")),
+        no_reboot: true,
+    };
+    let mut cluster = Cluster::start(&spec);
+    let started = cluster.wait_origin_line("FV: workload counter start", Duration::from_secs(300));
+    if !started {
+        let all = transcript(&cluster.finish(Duration::from_secs(1)));
+        panic!("the guest never started its workload\n{all}");
+    }
+    thread::sleep(Duration::from_secs(2));
+    cluster.kill9(1);
+    let killed = Instant::now();
+    let stopped = cluster.wait_node(0, Duration::from_secs(10));
+    let elapsed = killed.elapsed();
+    let results = cluster.finish(Duration::from_secs(1));
+    let all = transcript(&results);
+    assert!(
+        stopped,
+        "the origin still ran 10 s after node 1 died\n{all}"
+    );
+    assert_ne!(results[0].code(), Some(0), "the origin exited 0\n{all}");
+    assert!(
+        results[0].stderr.contains("node 1 failed"),
+        "the origin's error does not name node 1\n{all}"
+    );
+    eprintln!(
+        "origin stopped {:.1} s after kill -9 of node 1",
+        elapsed.as_secs_f64()
+    );
+}
+
+#[test]
+fn kvm_two_nodes_test_kernel_sipi_ipis_and_remote_port_io() {
+    let _one = serialize();
+    let spec = ClusterSpec {
+        engine: "fragvisor",
+        nodes: 2,
+        smp: 2,
+        mem_mib: 128,
+        guest: Guest::TestKernel(String::new()),
+        no_reboot: true,
+    };
+    let results = Cluster::start(&spec).finish(Duration::from_secs(240));
+    let all = transcript(&results);
+    // isa-debug-exit: (0x10 << 1) | 1 = 33 is PASS
+    assert_eq!(results[0].code(), Some(33), "origin exit status\n{all}");
+    let console = &results[0].stdout;
+    for needle in [
+        "FVTEST: cpu 0 online apic=0 (bsp)",
+        // printed with port I/O by the vCPU that runs on node 1
+        "FVTEST: cpu 1 online apic=1",
+        "FVTEST: all 2 cpus online",
+        "FVTEST: ipi bsp->1 ok",
+        "FVTEST: ipi 1->bsp ok",
+        "FVTEST: counter=",
+        "FVTEST: PASS",
+    ] {
+        assert!(console.contains(needle), "console lacks {needle:?}\n{all}");
+    }
+    assert!(!console.contains("FVTEST: FAIL"), "{all}");
+    let n1 = summary_counts(&results[1]);
+    assert_eq!(n1.len(), 1, "node 1 runs vCPU 1 only\n{all}");
+    assert_eq!(n1[0].0, 1, "{all}");
+    assert!(n1[0].1 > 0, "node 1 never ran vCPU 1\n{all}");
+}

@@ -49,7 +49,7 @@ fn two_node_tcg_exact_args() {
     let machine_tail = |serial: &str| {
         args(&[
             "-smp",
-            "4",
+            "4,sockets=2",
             "-m",
             "512M",
             "-object",
@@ -74,14 +74,14 @@ fn two_node_tcg_exact_args() {
     };
     let mut want0 = args(&[
         "-machine",
-        "q35",
+        "q35,smm=off",
         "-accel",
         "fragvisor-tcg,nodes=2,node-id=0,peers=127.0.0.1:7400;127.0.0.1:7401,key-file=/tmp/fv/cluster.key",
     ]);
     want0.extend(machine_tail("stdio"));
     let mut want1 = args(&[
         "-machine",
-        "q35",
+        "q35,smm=off",
         "-accel",
         "fragvisor-tcg,nodes=2,node-id=1,peers=127.0.0.1:7400;127.0.0.1:7401,key-file=/tmp/fv/cluster.key",
     ]);
@@ -123,7 +123,7 @@ fn four_node_kvm_exact_args() {
     for k in 0..4u32 {
         let want = args(&[
             "-machine",
-            "q35",
+            "q35,smm=off",
             "-accel",
             &format!(
                 "fragvisor,nodes=4,node-id={k},peers=10.0.0.1:7400;10.0.0.2:7400;10.0.0.3:7400;10.0.0.4:7400,key-file=/etc/fragvisor/cluster.key,peer-timeout-ms=3000"

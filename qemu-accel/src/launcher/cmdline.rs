@@ -64,6 +64,26 @@ pub fn accel_value(spec: &VmSpec, node: u32, addrs: &ClusterAddrs) -> String {
     v
 }
 
+/// `-machine`: across hosts SMM is off, because SMRAM is chipset state that
+/// exists only on the origin (docs/aggregate-vm.md).
+fn machine_value(spec: &VmSpec) -> String {
+    if spec.nodes > 1 && !spec.machine.contains("smm=") {
+        format!("{},smm=off", spec.machine)
+    } else {
+        spec.machine.clone()
+    }
+}
+
+/// `-smp`: one socket per host when the vCPUs divide evenly, so the guest
+/// does not believe CPUs on different hosts share a cache.
+fn smp_value(spec: &VmSpec) -> String {
+    if spec.nodes > 1 && spec.smp % spec.nodes == 0 {
+        format!("{},sockets={}", spec.smp, spec.nodes)
+    } else {
+        spec.smp.to_string()
+    }
+}
+
 /// The full argument list (without the program) of `node`. Every node gets
 /// the same machine; only the `-accel` `node-id` and the serial backend
 /// differ (the origin's serial console is on stdio, the others' on null).
@@ -74,12 +94,12 @@ pub fn node_args(
 ) -> Result<Vec<String>, LaunchError> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-    push(&["-machine", &spec.machine]);
+    push(&["-machine", &machine_value(spec)]);
     push(&["-accel", &accel_value(spec, node, addrs)]);
     if let Some(cpu) = &spec.cpu {
         push(&["-cpu", cpu]);
     }
-    push(&["-smp", &spec.smp.to_string()]);
+    push(&["-smp", &smp_value(spec)]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
     if spec.numa {
         for k in 0..spec.nodes {

@@ -77,7 +77,7 @@ fn machine_value(spec: &VmSpec) -> String {
 /// `-smp`: one socket per host when the vCPUs divide evenly, so the guest
 /// does not believe CPUs on different hosts share a cache.
 fn smp_value(spec: &VmSpec) -> String {
-    if spec.nodes > 1 && spec.smp % spec.nodes == 0 {
+    if spec.nodes > 1 && spec.smp.is_multiple_of(spec.nodes) {
         format!("{},sockets={}", spec.smp, spec.nodes)
     } else {
         spec.smp.to_string()

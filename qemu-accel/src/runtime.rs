@@ -456,12 +456,13 @@ pub fn dsm_config(
 }
 
 /// Read-ahead of the DSM for guest RAM: none unless
-/// `FRAGVISOR_DSM_PREFETCH=N` asks for it. A booting Linux guest spins on
-/// locks next to data that vCPUs on other hosts write; pages fetched ahead
-/// on such reads take those pages away from their writers, and the guest
-/// livelocked in early boot (RCU stalls on a runqueue lock) with the
-/// default read-ahead of 64 pages, while it boots and passes every
-/// workload with none.
+/// `FRAGVISOR_DSM_PREFETCH=N` asks for it. A 2-node Linux boot first
+/// livelocked with read-ahead on; the cause was a lost wake-up in the DSM (a
+/// write fault absorbed by an outstanding prefetch, fixed since), and 2- and
+/// 4-node boots pass with `FRAGVISOR_DSM_PREFETCH=64`. It stays off by
+/// default until boots are measured faster with it: a booting kernel spins
+/// next to data that other hosts write, and pages fetched ahead take those
+/// pages away from their writers.
 pub fn guest_prefetch_max() -> u32 {
     std::env::var("FRAGVISOR_DSM_PREFETCH")
         .ok()

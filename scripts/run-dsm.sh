@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main FragVisor job on this machine. Today: a multi-node DSM cluster, each
+# The DSM service on its own: a multi-node DSM cluster, each
 # node its own process over loopback, running coherence workloads, then the
 # DSM benchmark. Extra arguments go to `fragvisor-dsm run`.
 set -euo pipefail

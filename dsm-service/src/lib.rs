@@ -28,3 +28,16 @@ pub const MAX_NODES: usize = 64;
 
 pub use cluster::ClusterConfig;
 pub use node::{DsmEvent, DsmNode};
+
+/// An error and its chain of causes on one line (`a: b: c`), for messages
+/// shown to users.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use dsm_service::node::{DsmOptions, PageChangeHook};
 use dsm_service::transport::channel;
-use dsm_service::{DsmEvent, DsmNode, NodeId};
+use dsm_service::{error_chain, DsmEvent, DsmNode, NodeId};
 use thiserror::Error;
 use tracing::{debug, warn};
 
@@ -808,17 +808,6 @@ impl Runtime {
             self.host.node_failed(node, &reason);
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -115,17 +115,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// An error and its causes on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+pub use dsm_service::error_chain as chain;
 
 /// An anonymous private mapping for the DSM region.
 pub fn map_region(pages: u64) -> Result<u64, String> {

@@ -219,8 +219,13 @@ pub unsafe extern "C" fn fv_config_finish(
             .builder
             .build(engine.into())
             .map_err(|e| e.to_string())?;
-        let placement =
-            VcpuPlacement::contiguous(config.nodes, vcpus).map_err(|e| e.to_string())?;
+        let placement = VcpuPlacement::new(config.nodes, vcpus, &config.vcpu_map).map_err(|e| {
+            if config.vcpu_map.is_empty() {
+                e.to_string()
+            } else {
+                format!("vcpu-map: {e}")
+            }
+        })?;
         tracing::info!(
             node_id = config.node_id,
             nodes = config.nodes,
@@ -313,7 +318,7 @@ mod tests {
 
     #[test]
     fn option_table_is_exported() {
-        assert_eq!(fv_option_count(), 5);
+        assert_eq!(fv_option_count(), 6);
         let names: Vec<String> = (0..fv_option_count())
             .map(|i| {
                 // SAFETY: the table holds static NUL-terminated strings.
@@ -323,8 +328,11 @@ mod tests {
                     .to_string()
             })
             .collect();
-        assert_eq!(names, ["nodes", "node-id", "peers", "key", "key-file"]);
-        assert!(fv_option_name(5).is_null());
+        assert_eq!(
+            names,
+            ["nodes", "node-id", "peers", "key", "key-file", "vcpu-map"]
+        );
+        assert!(fv_option_name(6).is_null());
         assert!(!fv_option_help(0).is_null());
     }
 

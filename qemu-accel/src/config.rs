@@ -77,6 +77,10 @@ pub const OPTIONS: &[OptionSpec] = &[
         name: "key-file",
         help: "file holding the pre-shared cluster key",
     },
+    OptionSpec {
+        name: "vcpu-map",
+        help: "node that runs each vCPU, in vCPU order, separated by ';' or ':' (default: contiguous blocks)",
+    },
 ];
 
 /// Why an option value or a whole configuration was refused. The messages
@@ -84,7 +88,9 @@ pub const OPTIONS: &[OptionSpec] = &[
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// An option name this accelerator does not know.
-    #[error("unknown option '{0}' (valid options: nodes, node-id, peers, key, key-file)")]
+    #[error(
+        "unknown option '{0}' (valid options: nodes, node-id, peers, key, key-file, vcpu-map)"
+    )]
     UnknownOption(String),
     /// A numeric option whose value is not a number.
     #[error("{option}={value}: not a non-negative integer")]
@@ -148,6 +154,16 @@ pub enum ConfigError {
         path: String,
         /// The I/O error, as text.
         reason: String,
+    },
+    /// A `vcpu-map` entry naming a node outside the cluster.
+    #[error("vcpu-map: vCPU {vcpu} is placed on node {node}, but nodes={nodes}")]
+    VcpuMapNode {
+        /// The vCPU.
+        vcpu: usize,
+        /// The node named.
+        node: u32,
+        /// The cluster size.
+        nodes: u32,
     },
     /// An option value containing a NUL byte or invalid UTF-8 (C callers).
     #[error("{0}: value is not valid UTF-8 text")]
@@ -248,6 +264,8 @@ pub struct ClusterConfig {
     pub peers: Vec<PeerAddr>,
     /// The cluster key; always present when `nodes > 1`.
     pub key: Option<ClusterKey>,
+    /// Node of each vCPU from `vcpu-map`; empty for the default placement.
+    pub vcpu_map: Vec<u32>,
 }
 
 impl ClusterConfig {
@@ -275,6 +293,7 @@ pub struct ConfigBuilder {
     peers: Option<Vec<PeerAddr>>,
     key: Option<String>,
     key_file: Option<PathBuf>,
+    vcpu_map: Option<Vec<u32>>,
 }
 
 fn parse_u32(option: &'static str, value: &str) -> Result<u32, ConfigError> {
@@ -321,6 +340,15 @@ impl ConfigBuilder {
             "peers" => self.peers = Some(parse_peers(value)?),
             "key" => self.key = Some(value.to_string()),
             "key-file" => self.key_file = Some(PathBuf::from(value)),
+            "vcpu-map" => {
+                let map = value
+                    .split([';', ':'])
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|v| parse_u32("vcpu-map", v))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.vcpu_map = Some(map);
+            }
             _ => return Err(ConfigError::UnknownOption(name.to_string())),
         }
         Ok(())
@@ -349,6 +377,14 @@ impl ConfigBuilder {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            "vcpu-map" => self
+                .vcpu_map
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(";"),
             _ => return Err(ConfigError::UnknownOption(name.to_string())),
         })
     }
@@ -386,12 +422,18 @@ impl ConfigBuilder {
             (None, None) => None,
         };
 
+        let vcpu_map = self.vcpu_map.clone().unwrap_or_default();
+        if let Some((vcpu, &node)) = vcpu_map.iter().enumerate().find(|(_, &n)| n >= nodes) {
+            return Err(ConfigError::VcpuMapNode { vcpu, node, nodes });
+        }
+
         Ok(ClusterConfig {
             engine,
             nodes,
             node_id,
             peers,
             key,
+            vcpu_map,
         })
     }
 }
@@ -625,6 +667,29 @@ mod tests {
         for opt in OPTIONS {
             assert!(ConfigBuilder::new().get(opt.name).is_ok(), "{}", opt.name);
         }
-        assert_eq!(OPTIONS.len(), 5);
+        assert_eq!(OPTIONS.len(), 6);
+    }
+
+    #[test]
+    fn vcpu_map_is_parsed_and_checked_against_nodes() {
+        let mut b = ConfigBuilder::new();
+        b.set("nodes", "2").unwrap();
+        b.set("peers", "127.0.0.1:7000;127.0.0.1:7001").unwrap();
+        b.set("key", KEY).unwrap();
+        b.set("vcpu-map", "0;1:1;0").unwrap();
+        assert_eq!(b.get("vcpu-map").unwrap(), "0;1;1;0");
+        assert_eq!(b.build(Engine::Tcg).unwrap().vcpu_map, vec![0, 1, 1, 0]);
+        b.set("vcpu-map", "0;2").unwrap();
+        assert_eq!(
+            b.build(Engine::Tcg).unwrap_err().to_string(),
+            "vcpu-map: vCPU 1 is placed on node 2, but nodes=2"
+        );
+        assert!(matches!(
+            b.set("vcpu-map", "0;x"),
+            Err(ConfigError::NotANumber {
+                option: "vcpu-map",
+                ..
+            })
+        ));
     }
 }

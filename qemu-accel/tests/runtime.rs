@@ -114,6 +114,7 @@ fn pair() -> (Side, Side) {
             node_id: id,
             peers: peers.clone(),
             key: Some(ClusterKey::new(b"runtime-test-key-0123".to_vec(), "key").unwrap()),
+            vcpu_map: vec![],
         };
         let host = Arc::new(Recorder::default());
         let h2: Arc<dyn Host> = host.clone();

@@ -104,6 +104,18 @@ struct ClusterSpec {
     mem_mib: usize,
     guest: Guest,
     no_reboot: bool,
+    /// `vcpu-map=`: the host of each vCPU; `None` for contiguous blocks.
+    vcpu_map: Option<Vec<usize>>,
+}
+
+impl ClusterSpec {
+    /// The host that runs `cpu`.
+    fn host_of(&self, cpu: usize) -> usize {
+        match &self.vcpu_map {
+            Some(map) => map[cpu],
+            None => cpu / (self.smp / self.nodes),
+        }
+    }
 }
 
 struct Cluster {
@@ -151,29 +163,32 @@ impl Cluster {
         }
 
         // One guest NUMA node per host: node k's vCPUs and memory on host k.
-        let per = spec.smp / spec.nodes;
         let node_mem = spec.mem_mib / spec.nodes;
         let mut numa: Vec<String> = Vec::new();
         if matches!(spec.guest, Guest::Linux(_)) {
             for k in 0..spec.nodes {
+                let cpus: String = (0..spec.smp)
+                    .filter(|&c| spec.host_of(c) == k)
+                    .map(|c| format!(",cpus={c}"))
+                    .collect();
                 numa.extend([
                     "-object".into(),
                     format!("memory-backend-ram,id=m{k},size={node_mem}M"),
                     "-numa".into(),
-                    format!(
-                        "node,nodeid={k},cpus={}-{},memdev=m{k}",
-                        k * per,
-                        k * per + per - 1
-                    ),
+                    format!("node,nodeid={k}{cpus},memdev=m{k}"),
                 ]);
             }
         }
+        let map_opt = spec.vcpu_map.as_ref().map_or(String::new(), |m| {
+            let m: Vec<String> = m.iter().map(usize::to_string).collect();
+            format!(",vcpu-map={}", m.join(";"))
+        });
 
         let mut nodes = Vec::new();
         // Start the non-origin nodes first; all of them wait for each other.
         for k in (0..spec.nodes).rev() {
             let accel = format!(
-                "{},nodes={},node-id={k},peers={peers},key-file={}",
+                "{},nodes={},node-id={k},peers={peers},key-file={}{map_opt}",
                 spec.engine,
                 spec.nodes,
                 key.display()
@@ -349,7 +364,7 @@ fn summary_counts(r: &NodeResult) -> Vec<(u32, u64)> {
         .collect()
 }
 
-fn linux_cluster_runs_workloads(nodes: usize) {
+fn linux_cluster_runs_workloads(nodes: usize, vcpu_map: Option<Vec<usize>>) {
     let _one = serialize();
     let spec = ClusterSpec {
         engine: "fragvisor-tcg",
@@ -358,6 +373,7 @@ fn linux_cluster_runs_workloads(nodes: usize) {
         mem_mib: 512,
         guest: Guest::Linux(linux_append("fv.workload=all")),
         no_reboot: true,
+        vcpu_map,
     };
     let results = Cluster::start(&spec).finish(Duration::from_secs(420));
     let all = transcript(&results);
@@ -372,9 +388,8 @@ fn linux_cluster_runs_workloads(nodes: usize) {
     ] {
         assert!(console.contains(needle), "console lacks {needle:?}\n{all}");
     }
-    let per = 4 / nodes;
     for cpu in 0..4 {
-        let host = cpu / per;
+        let host = spec.host_of(cpu);
         let want = format!("FV: cpu {cpu} node {host}");
         assert!(console.lines().any(|l| l == want), "no {want:?}\n{all}");
         let line = console
@@ -390,7 +405,9 @@ fn linux_cluster_runs_workloads(nodes: usize) {
     assert!(counter.ends_with(" ok"), "{counter}\n{all}");
     for r in &results {
         let counts = summary_counts(r);
-        let mine: Vec<u32> = (0..4u32).filter(|c| *c as usize / per == r.id).collect();
+        let mine: Vec<u32> = (0..4u32)
+            .filter(|&c| spec.host_of(c as usize) == r.id)
+            .collect();
         let ran: Vec<u32> = counts.iter().map(|(c, _)| *c).collect();
         assert_eq!(ran, mine, "node {} summary vCPUs\n{all}", r.id);
         for (cpu, n) in counts {
@@ -401,12 +418,18 @@ fn linux_cluster_runs_workloads(nodes: usize) {
 
 #[test]
 fn tcg_two_nodes_numa_workloads_and_poweroff() {
-    linux_cluster_runs_workloads(2);
+    linux_cluster_runs_workloads(2, None);
 }
 
 #[test]
 fn tcg_four_nodes_numa_workloads_and_poweroff() {
-    linux_cluster_runs_workloads(4);
+    linux_cluster_runs_workloads(4, None);
+}
+
+#[test]
+fn tcg_two_nodes_explicit_vcpu_map() {
+    // vCPUs 0 and 2 on the origin, 1 and 3 on node 1 (not contiguous).
+    linux_cluster_runs_workloads(2, Some(vec![0, 1, 0, 1]));
 }
 
 #[test]
@@ -419,6 +442,7 @@ fn tcg_two_nodes_reboot_boots_again() {
         mem_mib: 512,
         guest: Guest::Linux(linux_append("fv.workload=reboot")),
         no_reboot: false,
+        vcpu_map: None,
     };
     let results = Cluster::start(&spec).finish(Duration::from_secs(420));
     let all = transcript(&results);
@@ -455,6 +479,7 @@ fn tcg_killed_node_stops_the_origin_naming_it() {
         mem_mib: 512,
         guest: Guest::Linux(linux_append("fv.workload=counter fv.iters=1000000000")),
         no_reboot: true,
+        vcpu_map: None,
     };
     let mut cluster = Cluster::start(&spec);
     let started = cluster.wait_origin_line("FV: workload counter start", Duration::from_secs(300));
@@ -494,6 +519,7 @@ fn kvm_two_nodes_test_kernel_sipi_ipis_and_remote_port_io() {
         mem_mib: 128,
         guest: Guest::TestKernel(String::new()),
         no_reboot: true,
+        vcpu_map: None,
     };
     let results = Cluster::start(&spec).finish(Duration::from_secs(240));
     let all = transcript(&results);

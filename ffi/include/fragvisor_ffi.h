@@ -261,7 +261,8 @@ int32_t fv_vcpu_owner(const FvConfig *cfg, uint32_t cpu_index);
 
 /*
  Joins the cluster described by `cfg` (after `fv_config_finish`) with the
- guest RAM `regions`, and starts the runtime. Returns NULL and sets `*err`
+ guest RAM `regions`, and starts the runtime. `peer_timeout_ms` applies
+ unless the `peer-timeout-ms` option was given. Returns NULL and sets `*err`
  (free with `fv_string_free`) on failure.
 
  # Safety

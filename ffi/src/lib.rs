@@ -318,7 +318,7 @@ mod tests {
 
     #[test]
     fn option_table_is_exported() {
-        assert_eq!(fv_option_count(), 6);
+        assert_eq!(fv_option_count(), 7);
         let names: Vec<String> = (0..fv_option_count())
             .map(|i| {
                 // SAFETY: the table holds static NUL-terminated strings.
@@ -330,9 +330,17 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["nodes", "node-id", "peers", "key", "key-file", "vcpu-map"]
+            [
+                "nodes",
+                "node-id",
+                "peers",
+                "key",
+                "key-file",
+                "peer-timeout-ms",
+                "vcpu-map"
+            ]
         );
-        assert!(fv_option_name(6).is_null());
+        assert!(fv_option_name(7).is_null());
         assert!(!fv_option_help(0).is_null());
     }
 

@@ -187,7 +187,8 @@ fn set_err(err: *mut *mut c_char, msg: String) {
 }
 
 /// Joins the cluster described by `cfg` (after `fv_config_finish`) with the
-/// guest RAM `regions`, and starts the runtime. Returns NULL and sets `*err`
+/// guest RAM `regions`, and starts the runtime. `peer_timeout_ms` applies
+/// unless the `peer-timeout-ms` option was given. Returns NULL and sets `*err`
 /// (free with `fv_string_free`) on failure.
 ///
 /// # Safety
@@ -235,7 +236,9 @@ pub unsafe extern "C" fn fv_runtime_start(
             }
             let list: Vec<(&str, u64, u64)> =
                 names.iter().map(|(n, a, l)| (n.as_str(), *a, *l)).collect();
-            let timeout = Duration::from_millis(u64::from(peer_timeout_ms.max(100)));
+            // The `peer-timeout-ms` option wins over the caller's default.
+            let ms = resolved.config.peer_timeout_ms.unwrap_or(peer_timeout_ms);
+            let timeout = Duration::from_millis(u64::from(ms.max(1)));
             let dsm = dsm_config(&resolved.config, timeout).map_err(|e| e.to_string())?;
             let host = Arc::new(CHost { ops, ctx });
             let hook: Option<dsm_service::node::PageChangeHook> = ops.page_changed.map(|f| {

@@ -78,6 +78,10 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "file holding the pre-shared cluster key",
     },
     OptionSpec {
+        name: "peer-timeout-ms",
+        help: "a peer silent this many ms is declared failed and the VM stops naming it (default 5000)",
+    },
+    OptionSpec {
         name: "vcpu-map",
         help: "node that runs each vCPU, in vCPU order, separated by ';' or ':' (default: contiguous blocks)",
     },
@@ -89,7 +93,7 @@ pub const OPTIONS: &[OptionSpec] = &[
 pub enum ConfigError {
     /// An option name this accelerator does not know.
     #[error(
-        "unknown option '{0}' (valid options: nodes, node-id, peers, key, key-file, vcpu-map)"
+        "unknown option '{0}' (valid options: nodes, node-id, peers, key, key-file, peer-timeout-ms, vcpu-map)"
     )]
     UnknownOption(String),
     /// A numeric option whose value is not a number.
@@ -155,6 +159,9 @@ pub enum ConfigError {
         /// The I/O error, as text.
         reason: String,
     },
+    /// `peer-timeout-ms=0`.
+    #[error("peer-timeout-ms=0: the peer timeout must be at least 1 ms")]
+    ZeroPeerTimeout,
     /// A `vcpu-map` entry naming a node outside the cluster.
     #[error("vcpu-map: vCPU {vcpu} is placed on node {node}, but nodes={nodes}")]
     VcpuMapNode {
@@ -266,6 +273,8 @@ pub struct ClusterConfig {
     pub key: Option<ClusterKey>,
     /// Node of each vCPU from `vcpu-map`; empty for the default placement.
     pub vcpu_map: Vec<u32>,
+    /// `peer-timeout-ms`, if given.
+    pub peer_timeout_ms: Option<u32>,
 }
 
 impl ClusterConfig {
@@ -294,7 +303,11 @@ pub struct ConfigBuilder {
     key: Option<String>,
     key_file: Option<PathBuf>,
     vcpu_map: Option<Vec<u32>>,
+    peer_timeout_ms: Option<u32>,
 }
+
+/// Peer timeout when `peer-timeout-ms` is not given.
+pub const DEFAULT_PEER_TIMEOUT_MS: u32 = 5000;
 
 fn parse_u32(option: &'static str, value: &str) -> Result<u32, ConfigError> {
     value
@@ -340,6 +353,13 @@ impl ConfigBuilder {
             "peers" => self.peers = Some(parse_peers(value)?),
             "key" => self.key = Some(value.to_string()),
             "key-file" => self.key_file = Some(PathBuf::from(value)),
+            "peer-timeout-ms" => {
+                let ms = parse_u32("peer-timeout-ms", value)?;
+                if ms == 0 {
+                    return Err(ConfigError::ZeroPeerTimeout);
+                }
+                self.peer_timeout_ms = Some(ms);
+            }
             "vcpu-map" => {
                 let map = value
                     .split([';', ':'])
@@ -377,6 +397,10 @@ impl ConfigBuilder {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            "peer-timeout-ms" => self
+                .peer_timeout_ms
+                .unwrap_or(DEFAULT_PEER_TIMEOUT_MS)
+                .to_string(),
             "vcpu-map" => self
                 .vcpu_map
                 .as_deref()
@@ -434,6 +458,7 @@ impl ConfigBuilder {
             peers,
             key,
             vcpu_map,
+            peer_timeout_ms: self.peer_timeout_ms,
         })
     }
 }
@@ -667,7 +692,7 @@ mod tests {
         for opt in OPTIONS {
             assert!(ConfigBuilder::new().get(opt.name).is_ok(), "{}", opt.name);
         }
-        assert_eq!(OPTIONS.len(), 6);
+        assert_eq!(OPTIONS.len(), 7);
     }
 
     #[test]
@@ -691,5 +716,17 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn peer_timeout_is_a_positive_number_of_ms() {
+        let mut b = ConfigBuilder::new();
+        assert_eq!(b.get("peer-timeout-ms").unwrap(), "5000");
+        b.set("peer-timeout-ms", "1500").unwrap();
+        assert_eq!(b.build(Engine::Kvm).unwrap().peer_timeout_ms, Some(1500));
+        assert_eq!(
+            b.set("peer-timeout-ms", "0").unwrap_err().to_string(),
+            "peer-timeout-ms=0: the peer timeout must be at least 1 ms"
+        );
     }
 }

@@ -115,6 +115,7 @@ fn pair() -> (Side, Side) {
             peers: peers.clone(),
             key: Some(ClusterKey::new(b"runtime-test-key-0123".to_vec(), "key").unwrap()),
             vcpu_map: vec![],
+            peer_timeout_ms: None,
         };
         let host = Arc::new(Recorder::default());
         let h2: Arc<dyn Host> = host.clone();

@@ -3,9 +3,14 @@
 //! start-up waits until every peer is linked, a peer refuses us, or the
 //! connect timeout passes (naming the nodes that never came).
 
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use tracing::warn;
 
 use super::TransportError;
 use crate::{ClusterConfig, NodeId};
@@ -72,4 +77,36 @@ pub(crate) fn establish<S: MeshSide>(
         up = up_cv.wait_timeout(up, wait).expect("lock").0;
     }
     Ok(())
+}
+
+/// Accepts connections until `stopping` is set, handing each to `handle` in
+/// a short-lived thread named `thread_name` (its handshake), so a slow or
+/// hostile stranger never holds up the others.
+pub(crate) fn accept_loop(
+    listener: TcpListener,
+    stopping: &AtomicBool,
+    node: NodeId,
+    thread_name: &str,
+    handle: impl Fn(TcpStream, SocketAddr) + Clone + Send + 'static,
+) {
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    while !stopping.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, from)) => {
+                let handle = handle.clone();
+                let _ = thread::Builder::new()
+                    .name(thread_name.into())
+                    .spawn(move || handle(stream, from));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => {
+                warn!(node, error = %e, "accept failed");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
 }

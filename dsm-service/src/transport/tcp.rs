@@ -237,26 +237,15 @@ impl Inner {
     }
 
     fn accept_loop(self: Arc<Self>, listener: TcpListener) {
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        while !self.stopping.load(Ordering::Acquire) {
-            match listener.accept() {
-                Ok((stream, from)) => {
-                    let inner = self.clone();
-                    let _ = thread::Builder::new()
-                        .name("fv-handshake".into())
-                        .spawn(move || inner.accept_one(stream, from));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => {
-                    warn!(node = self.cfg.node_id, error = %e, "accept failed");
-                    thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
+        let node = self.cfg.node_id;
+        let inner = self.clone();
+        mesh::accept_loop(
+            listener,
+            &self.stopping,
+            node,
+            "fv-handshake",
+            move |stream, from| inner.clone().accept_one(stream, from),
+        );
     }
 
     fn accept_one(self: Arc<Self>, mut stream: TcpStream, from: SocketAddr) {

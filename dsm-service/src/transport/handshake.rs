@@ -24,6 +24,9 @@ use sha2::Sha256;
 
 use crate::NodeId;
 
+/// How long a connection may take to complete its handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Protocol version; a peer speaking another one is refused.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// First bytes of a Hello.
@@ -298,6 +301,15 @@ pub struct Expect {
 }
 
 impl Expect {
+    /// What this node of `cfg` expects of its peers.
+    pub fn for_node(cfg: &crate::ClusterConfig) -> Expect {
+        Expect {
+            cluster_id: cfg.cluster_id,
+            local: cfg.node_id,
+            nodes: cfg.nodes(),
+        }
+    }
+
     /// Checks the dialer's Hello: same cluster, same size, an id above ours.
     pub fn check_dialer(&self, h: &Hello) -> Result<(), HandshakeError> {
         if h.cluster_id != self.cluster_id {
@@ -339,6 +351,25 @@ impl Expect {
             });
         }
         Ok(())
+    }
+}
+
+/// The reason logged for a refused connection: a read that timed out is
+/// named as the handshake timeout.
+pub fn refusal_reason(e: &HandshakeError) -> String {
+    match e {
+        HandshakeError::Io(io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            format!(
+                "handshake timed out after {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )
+        }
+        e => e.to_string(),
     }
 }
 

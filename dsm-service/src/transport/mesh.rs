@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -109,4 +109,12 @@ pub(crate) fn accept_loop(
             }
         }
     }
+}
+
+/// Counts and reports a refused connection, on the log and on stderr (where
+/// a user running nodes by hand sees it).
+pub(crate) fn refuse(refused: &AtomicU64, node: NodeId, from: SocketAddr, why: &str) {
+    refused.fetch_add(1, Ordering::Relaxed);
+    warn!(node, %from, "refused connection from {from}: {why}");
+    eprintln!("fragvisor-dsm: node {node}: refused connection from {from}: {why}");
 }

@@ -47,9 +47,9 @@ use ibverbs::{
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
+use super::handshake::HANDSHAKE_TIMEOUT;
 use super::handshake::{self, Expect, HandshakeError};
 use super::mesh::{self, MeshSide};
-use super::tcp::HANDSHAKE_TIMEOUT;
 use super::{channel, FrameSink, PeerDown, Transport, TransportError};
 use crate::{ClusterConfig, NodeId};
 
@@ -1111,23 +1111,35 @@ impl Inner {
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-        let boot = bootstrap_accept(&mut stream, &self.cfg.key, &self.expect(), |peer| {
-            if self.links[usize::from(peer)].get().is_some() {
-                return Err(TransportError::Refused {
-                    peer,
-                    reason: format!("node {peer} is already connected"),
-                });
-            }
-            self.prepare()
-        });
+        let boot = bootstrap_accept(
+            &mut stream,
+            &self.cfg.key,
+            &Expect::for_node(&self.cfg),
+            |peer| {
+                if self.links[usize::from(peer)].get().is_some() {
+                    return Err(TransportError::Refused {
+                        peer,
+                        reason: format!("node {peer} is already connected"),
+                    });
+                }
+                self.prepare()
+            },
+        );
         match boot {
             Ok((peer, prepared, theirs)) => {
                 if let Err(e) = self.finish_link(peer, stream, prepared, theirs) {
-                    self.refuse(from, &e.to_string());
+                    mesh::refuse(&self.refused, self.cfg.node_id, from, &e.to_string());
                 }
             }
-            Err(BootstrapError::Handshake(e)) => self.refuse(from, &describe(&e)),
-            Err(BootstrapError::Local(e)) => self.refuse(from, &e.to_string()),
+            Err(BootstrapError::Handshake(e)) => mesh::refuse(
+                &self.refused,
+                self.cfg.node_id,
+                from,
+                &handshake::refusal_reason(&e),
+            ),
+            Err(BootstrapError::Local(e)) => {
+                mesh::refuse(&self.refused, self.cfg.node_id, from, &e.to_string())
+            }
         }
     }
 
@@ -1139,23 +1151,6 @@ impl Inner {
             .map_err(|e| self.verbs.unavailable("creating a queue pair", e))?;
         let info = QpInfo::new(prepared.endpoint());
         Ok((prepared, info))
-    }
-
-    fn refuse(&self, from: SocketAddr, why: &str) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        warn!(node = self.cfg.node_id, %from, "refused RDMA bootstrap from {from}: {why}");
-        eprintln!(
-            "fragvisor-dsm: node {}: refused connection from {from}: {why}",
-            self.cfg.node_id
-        );
-    }
-
-    fn expect(&self) -> Expect {
-        Expect {
-            cluster_id: self.cfg.cluster_id,
-            local: self.cfg.node_id,
-            nodes: self.cfg.nodes(),
-        }
     }
 
     fn dial(self: &Arc<Self>, peer: NodeId, deadline: Instant) -> Result<(), TransportError> {
@@ -1180,9 +1175,13 @@ impl Inner {
             };
             let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
             let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-            let boot = bootstrap_dial(&mut stream, &self.cfg.key, &self.expect(), peer, || {
-                self.prepare()
-            });
+            let boot = bootstrap_dial(
+                &mut stream,
+                &self.cfg.key,
+                &Expect::for_node(&self.cfg),
+                peer,
+                || self.prepare(),
+            );
             match boot {
                 Ok((prepared, theirs)) => return self.finish_link(peer, stream, prepared, theirs),
                 Err(BootstrapError::Local(e)) => return Err(e),
@@ -1405,23 +1404,6 @@ impl Inner {
         for l in self.installed() {
             let _ = l.tcp.shutdown(Shutdown::Both);
         }
-    }
-}
-
-fn describe(e: &HandshakeError) -> String {
-    match e {
-        HandshakeError::Io(io)
-            if matches!(
-                io.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            format!(
-                "handshake timed out after {} s",
-                HANDSHAKE_TIMEOUT.as_secs()
-            )
-        }
-        e => e.to_string(),
     }
 }
 

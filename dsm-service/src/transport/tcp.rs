@@ -25,8 +25,7 @@ use super::mesh::{self, MeshSide};
 use super::{channel, FrameSink, PeerDown, Transport, TransportError};
 use crate::{ClusterConfig, NodeId};
 
-/// How long a connection may take to complete its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+use super::handshake::HANDSHAKE_TIMEOUT;
 
 const LINK_HEARTBEAT: u8 = 0;
 const LINK_GOODBYE: u8 = 1;
@@ -252,12 +251,17 @@ impl Inner {
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-        let exp = self.expect();
+        let exp = Expect::for_node(&self.cfg);
         let result = handshake::accept(&mut stream, &self.cfg.key, &exp);
         match result {
             Ok(peer) => {
                 if self.links[usize::from(peer)].get().is_some() {
-                    self.refuse(from, &format!("node {peer} is already connected"));
+                    mesh::refuse(
+                        &self.refused,
+                        self.cfg.node_id,
+                        from,
+                        &format!("node {peer} is already connected"),
+                    );
                     handshake::send_reject(
                         &mut stream,
                         &format!("node {peer} is already connected"),
@@ -266,24 +270,12 @@ impl Inner {
                 }
                 self.install(peer, stream);
             }
-            Err(e) => self.refuse(from, &describe(&e)),
-        }
-    }
-
-    fn refuse(&self, from: SocketAddr, why: &str) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        warn!(node = self.cfg.node_id, %from, "refused connection from {from}: {why}");
-        eprintln!(
-            "fragvisor-dsm: node {}: refused connection from {from}: {why}",
-            self.cfg.node_id
-        );
-    }
-
-    fn expect(&self) -> Expect {
-        Expect {
-            cluster_id: self.cfg.cluster_id,
-            local: self.cfg.node_id,
-            nodes: self.cfg.nodes(),
+            Err(e) => mesh::refuse(
+                &self.refused,
+                self.cfg.node_id,
+                from,
+                &handshake::refusal_reason(&e),
+            ),
         }
     }
 
@@ -310,7 +302,12 @@ impl Inner {
             };
             let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
             let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-            match handshake::dial(&mut stream, &self.cfg.key, &self.expect(), peer) {
+            match handshake::dial(
+                &mut stream,
+                &self.cfg.key,
+                &Expect::for_node(&self.cfg),
+                peer,
+            ) {
                 Ok(()) => {
                     self.install(peer, stream);
                     return Ok(());
@@ -485,23 +482,6 @@ impl Inner {
             }
             let _ = l.stream.shutdown(Shutdown::Write);
         }
-    }
-}
-
-fn describe(e: &HandshakeError) -> String {
-    match e {
-        HandshakeError::Io(io)
-            if matches!(
-                io.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            format!(
-                "handshake timed out after {} s",
-                HANDSHAKE_TIMEOUT.as_secs()
-            )
-        }
-        e => e.to_string(),
     }
 }
 

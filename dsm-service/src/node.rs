@@ -588,13 +588,26 @@ impl Engine {
     }
 
     fn wait_touched(&self, timeout: Duration) -> Result<(), DsmError> {
-        let deadline = Instant::now() + timeout;
+        self.wait_control(
+            |c| c.touched_done,
+            Some((Instant::now() + timeout, timeout)),
+        )
+    }
+
+    /// Waits until `done` holds for the control state, failing as soon as a
+    /// peer is gone or at the deadline (with the timeout it came from).
+    fn wait_control(
+        &self,
+        done: impl Fn(&Control) -> bool,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Result<(), DsmError> {
         let mut c = self.control.lock().expect("lock");
-        while !c.touched_done {
+        while !done(&c) {
             self.check_peers()?;
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(DsmError::StartTimeout(timeout));
+            if let Some((at, timeout)) = deadline {
+                if Instant::now() >= at {
+                    return Err(DsmError::StartTimeout(timeout));
+                }
             }
             c = self
                 .control_cv
@@ -632,21 +645,7 @@ impl Engine {
             b.extend_from_slice(&gen.to_le_bytes());
             self.transport().send(0, channel::DSM_CONTROL, &b)?;
         }
-        let mut c = self.control.lock().expect("lock");
-        while c.released < gen {
-            drop(c);
-            self.check_peers()?;
-            c = self.control.lock().expect("lock");
-            if c.released >= gen {
-                break;
-            }
-            c = self
-                .control_cv
-                .wait_timeout(c, Duration::from_millis(50))
-                .expect("lock")
-                .0;
-        }
-        Ok(())
+        self.wait_control(|c| c.released >= gen, None)
     }
 
     fn barrier_enter(&self, from: NodeId, gen: u64) {

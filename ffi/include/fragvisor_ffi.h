@@ -153,7 +153,50 @@ typedef struct {
    Local page contents dropped or replaced (TCG: drop translated code); may be NULL.
    */
   void (*page_changed)(void *ctx, uint64_t host_addr, uint64_t len);
+  /*
+   Another node's VM ended with exit status `status` (e.g. the guest
+   wrote to `isa-debug-exit` on the origin): exit with it. May be NULL,
+   then `lifecycle` gets a power-off (0) instead.
+   */
+  void (*exit_status)(void *ctx, int32_t status, uint32_t from);
 } FvHostOps;
+
+/*
+ How this host's clocks map to the guest clock (see `qemu_accel::clock`):
+ guest = local + offset. `delta` is the estimated origin-minus-local
+ reading, `bound` the bound on its error. All zero on the origin except the
+ offsets (minus its base reading).
+ */
+typedef struct {
+  /*
+   Add to the host TSC to get the guest TSC (KVM_VCPU_TSC_OFFSET).
+   */
+  int64_t tsc_offset;
+  /*
+   Origin host TSC minus this host's, estimated.
+   */
+  int64_t tsc_delta;
+  /*
+   Error bound of `tsc_delta`, in TSC ticks.
+   */
+  uint64_t tsc_bound;
+  /*
+   Add to CLOCK_MONOTONIC (ns) to get the guest's 1 GHz clock (TCG).
+   */
+  int64_t mono_offset_ns;
+  /*
+   Origin CLOCK_MONOTONIC minus this host's, estimated, in ns.
+   */
+  int64_t mono_delta_ns;
+  /*
+   Error bound of `mono_delta_ns`, in ns.
+   */
+  uint64_t mono_bound_ns;
+  /*
+   Clock exchanges the estimate took (0 on the origin).
+   */
+  uint32_t samples;
+} FvClock;
 
 #ifdef __cplusplus
 extern "C" {
@@ -322,6 +365,33 @@ int32_t fv_send_ioapic_eoi(const FvRuntime *rt, uint8_t vector);
  `rt` must be live.
  */
 int32_t fv_broadcast_lifecycle(const FvRuntime *rt, uint8_t event);
+
+/*
+ Tells every other host that the VM ended with exit `status`; they exit
+ with it too.
+
+ # Safety
+ `rt` must be live.
+ */
+int32_t fv_broadcast_exit(const FvRuntime *rt, int32_t status);
+
+/*
+ Fills `*out` with how this host's clocks map to the guest clock. Returns
+ 0, or -1 on a NULL argument.
+
+ # Safety
+ `rt` live; `out` valid for one `FvClock`.
+ */
+int32_t fv_runtime_clock(const FvRuntime *rt, FvClock *out);
+
+/*
+ One log line on how this host's clocks were aligned to the origin's.
+ Free it with `fv_string_free`; NULL for a NULL `rt`.
+
+ # Safety
+ `rt` NULL or live.
+ */
+char *fv_runtime_clock_describe(const FvRuntime *rt);
 
 /*
  The exit summary line (`fragvisor: node K summary: ...`); `counts[i]` is

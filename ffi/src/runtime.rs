@@ -93,6 +93,33 @@ pub struct FvHostOps {
     pub thread_start: Option<unsafe extern "C" fn(ctx: *mut c_void, name: *const c_char)>,
     /// Local page contents dropped or replaced (TCG: drop translated code); may be NULL.
     pub page_changed: Option<unsafe extern "C" fn(ctx: *mut c_void, host_addr: u64, len: u64)>,
+    /// Another node's VM ended with exit status `status` (e.g. the guest
+    /// wrote to `isa-debug-exit` on the origin): exit with it. May be NULL,
+    /// then `lifecycle` gets a power-off (0) instead.
+    pub exit_status: Option<unsafe extern "C" fn(ctx: *mut c_void, status: i32, from: u32)>,
+}
+
+/// How this host's clocks map to the guest clock (see `qemu_accel::clock`):
+/// guest = local + offset. `delta` is the estimated origin-minus-local
+/// reading, `bound` the bound on its error. All zero on the origin except the
+/// offsets (minus its base reading).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FvClock {
+    /// Add to the host TSC to get the guest TSC (KVM_VCPU_TSC_OFFSET).
+    pub tsc_offset: i64,
+    /// Origin host TSC minus this host's, estimated.
+    pub tsc_delta: i64,
+    /// Error bound of `tsc_delta`, in TSC ticks.
+    pub tsc_bound: u64,
+    /// Add to CLOCK_MONOTONIC (ns) to get the guest's 1 GHz clock (TCG).
+    pub mono_offset_ns: i64,
+    /// Origin CLOCK_MONOTONIC minus this host's, estimated, in ns.
+    pub mono_delta_ns: i64,
+    /// Error bound of `mono_delta_ns`, in ns.
+    pub mono_bound_ns: u64,
+    /// Clock exchanges the estimate took (0 on the origin).
+    pub samples: u32,
 }
 
 /// The runtime of one host. Opaque to C.
@@ -158,9 +185,19 @@ impl Host for CHost {
         }
     }
     fn lifecycle(&self, event: Lifecycle, from: u16) {
+        if let (Lifecycle::Exit(status), Some(f)) = (event, self.ops.exit_status) {
+            // SAFETY: plain values.
+            unsafe { f(self.ctx, status, u32::from(from)) };
+            return;
+        }
+        let code = if let Lifecycle::Exit(_) = event {
+            Lifecycle::PowerOff.code()
+        } else {
+            event.code()
+        };
         if let Some(f) = self.ops.lifecycle {
             // SAFETY: plain values.
-            unsafe { f(self.ctx, event as u8, u32::from(from)) }
+            unsafe { f(self.ctx, code, u32::from(from)) }
         }
     }
     fn node_failed(&self, node: u16, reason: &str) {
@@ -347,7 +384,7 @@ pub unsafe extern "C" fn fv_send_irq(
     let Some(rt) = (unsafe { rt.as_ref() }) else {
         return -1;
     };
-    status(rt.rt.send_irq(&Irq {
+    status_of(rt.rt.send_irq(&Irq {
         cpu,
         kind,
         vector,
@@ -368,7 +405,7 @@ pub unsafe extern "C" fn fv_broadcast_apic_state(
     let (Some(rt), Some(s)) = (unsafe { rt.as_ref() }, unsafe { s.as_ref() }) else {
         return -1;
     };
-    status(rt.rt.broadcast_apic_state(&ApicState {
+    status_of(rt.rt.broadcast_apic_state(&ApicState {
         cpu: s.cpu,
         id: s.id,
         ldr: s.ldr,
@@ -387,7 +424,7 @@ pub unsafe extern "C" fn fv_send_ioapic_eoi(rt: *const FvRuntime, vector: u8) ->
     let Some(rt) = (unsafe { rt.as_ref() }) else {
         return -1;
     };
-    status(rt.rt.send_ioapic_eoi(vector))
+    status_of(rt.rt.send_ioapic_eoi(vector))
 }
 
 /// Tells every other host about a power-off (0) or a reset (1).
@@ -405,7 +442,59 @@ pub unsafe extern "C" fn fv_broadcast_lifecycle(rt: *const FvRuntime, event: u8)
         1 => Lifecycle::Reset,
         _ => return -1,
     };
-    status(rt.rt.broadcast_lifecycle(event))
+    status_of(rt.rt.broadcast_lifecycle(event))
+}
+
+/// Tells every other host that the VM ended with exit `status`; they exit
+/// with it too.
+///
+/// # Safety
+/// `rt` must be live.
+#[no_mangle]
+pub unsafe extern "C" fn fv_broadcast_exit(rt: *const FvRuntime, status: i32) -> i32 {
+    // SAFETY: per the contract.
+    let Some(rt) = (unsafe { rt.as_ref() }) else {
+        return -1;
+    };
+    status_of(rt.rt.broadcast_lifecycle(Lifecycle::Exit(status)))
+}
+
+/// Fills `*out` with how this host's clocks map to the guest clock. Returns
+/// 0, or -1 on a NULL argument.
+///
+/// # Safety
+/// `rt` live; `out` valid for one `FvClock`.
+#[no_mangle]
+pub unsafe extern "C" fn fv_runtime_clock(rt: *const FvRuntime, out: *mut FvClock) -> i32 {
+    // SAFETY: per the contract.
+    let (Some(rt), Some(out)) = (unsafe { rt.as_ref() }, unsafe { out.as_mut() }) else {
+        return -1;
+    };
+    let c = rt.rt.clock();
+    *out = FvClock {
+        tsc_offset: c.tsc.offset,
+        tsc_delta: c.tsc.delta,
+        tsc_bound: c.tsc.bound,
+        mono_offset_ns: c.mono.offset,
+        mono_delta_ns: c.mono.delta,
+        mono_bound_ns: c.mono.bound,
+        samples: c.samples,
+    };
+    0
+}
+
+/// One log line on how this host's clocks were aligned to the origin's.
+/// Free it with `fv_string_free`; NULL for a NULL `rt`.
+///
+/// # Safety
+/// `rt` NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn fv_runtime_clock_describe(rt: *const FvRuntime) -> *mut c_char {
+    // SAFETY: per the contract.
+    let Some(rt) = (unsafe { rt.as_ref() }) else {
+        return ptr::null_mut();
+    };
+    error_string(rt.rt.clock().describe(rt.rt.node_id()))
 }
 
 /// The exit summary line (`fragvisor: node K summary: ...`); `counts[i]` is
@@ -451,7 +540,7 @@ pub unsafe extern "C" fn fv_runtime_stop(rt: *mut FvRuntime) {
     rt.rt.shutdown();
 }
 
-fn status<E>(r: Result<(), E>) -> i32 {
+fn status_of<E>(r: Result<(), E>) -> i32 {
     if r.is_ok() {
         0
     } else {

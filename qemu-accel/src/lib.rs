@@ -9,8 +9,11 @@
 //!   `key-file`), their parsing and the cross-field validation;
 //! - [`placement`]: which cluster node runs which vCPU;
 //! - [`runtime`]: the per-host runtime of an aggregate VM (DSM, I/O and
-//!   interrupt forwarding, lifecycle, failure).
+//!   interrupt forwarding, lifecycle, failure);
+//! - [`clock`]: one guest clock across hosts (each host's offset from the
+//!   origin's clocks).
 
+pub mod clock;
 pub mod config;
 pub mod launcher;
 pub mod placement;

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use dsm_service::node::{DsmOptions, PageChangeHook};
@@ -32,6 +32,7 @@ use dsm_service::{error_chain, DsmEvent, DsmNode, NodeId};
 use thiserror::Error;
 use tracing::{debug, warn};
 
+use crate::clock::{ClockReading, ClockSync, SyncSample, SYNC_SAMPLES};
 use crate::config::ClusterConfig;
 use crate::placement::VcpuPlacement;
 
@@ -130,12 +131,30 @@ pub struct ApicState {
 
 /// Events that concern every host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Lifecycle {
     /// The guest powered off: every node exits 0.
-    PowerOff = 0,
+    PowerOff,
     /// The guest reset: every node resets its vCPUs.
-    Reset = 1,
+    Reset,
+    /// The VM ended with this exit status on the sender (e.g. the guest
+    /// wrote to `isa-debug-exit`): every node exits with it.
+    Exit(i32),
+}
+
+impl Lifecycle {
+    /// Wire code (also the C ABI's event number).
+    pub fn code(self) -> u8 {
+        match self {
+            Lifecycle::PowerOff => 0,
+            Lifecycle::Reset => 1,
+            Lifecycle::Exit(_) => 2,
+        }
+    }
+
+    /// The VM ends: peers that leave afterwards have not failed.
+    pub fn ends_vm(self) -> bool {
+        !matches!(self, Lifecycle::Reset)
+    }
 }
 
 /// What the runtime needs from QEMU.
@@ -182,6 +201,9 @@ pub enum RuntimeError {
     /// The runtime is stopping.
     #[error("the cluster is shutting down")]
     Stopping,
+    /// The guest clock could not be aligned with the origin's.
+    #[error("clock alignment with node 0 failed: {0}")]
+    Clock(String),
 }
 
 /// Wire messages (little endian), one per frame, first byte the tag.
@@ -211,8 +233,25 @@ pub enum Message {
     Apic(ApicState),
     /// 5: `vector u8`.
     IoapicEoi(u8),
-    /// 6: `event u8`.
+    /// 6: `event u8, status i32` (event 0 power-off, 1 reset, 2 exit with
+    /// `status`; the status is 0 for the others).
     Lifecycle(Lifecycle),
+    /// 7: `seq u32`. A non-origin node asks for the origin's clocks.
+    ClockPing {
+        /// Matches the answer.
+        seq: u32,
+    },
+    /// 8: `seq u32, tsc u64, mono_ns u64, base_tsc u64, base_mono_ns u64`.
+    /// The origin's clocks when it answered, and its base reading (the
+    /// guest clock's zero).
+    ClockPong {
+        /// Of the ping.
+        seq: u32,
+        /// The origin's clocks now.
+        now: ClockReading,
+        /// The origin's base reading.
+        base: ClockReading,
+    },
 }
 
 /// A frame that is not a runtime message.
@@ -289,7 +328,22 @@ impl Message {
                 b.extend_from_slice(&s.apicbase.to_le_bytes());
             }
             Message::IoapicEoi(v) => b.extend_from_slice(&[5, *v]),
-            Message::Lifecycle(e) => b.extend_from_slice(&[6, *e as u8]),
+            Message::Lifecycle(e) => {
+                b.extend_from_slice(&[6, e.code()]);
+                let status = if let Lifecycle::Exit(c) = e { *c } else { 0 };
+                b.extend_from_slice(&status.to_le_bytes());
+            }
+            Message::ClockPing { seq } => {
+                b.push(7);
+                b.extend_from_slice(&seq.to_le_bytes());
+            }
+            Message::ClockPong { seq, now, base } => {
+                b.push(8);
+                b.extend_from_slice(&seq.to_le_bytes());
+                for v in [now.tsc, now.mono_ns, base.tsc, base.mono_ns] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+            }
         }
         b
     }
@@ -356,11 +410,28 @@ impl Message {
                 apicbase: r.u64()?,
             }),
             5 => Message::IoapicEoi(r.u8()?),
-            6 => Message::Lifecycle(match r.u8()? {
-                0 => Lifecycle::PowerOff,
-                1 => Lifecycle::Reset,
-                e => return Err(DecodeError(format!("lifecycle event {e}"))),
-            }),
+            6 => {
+                let event = r.u8()?;
+                let status = r.u32()? as i32;
+                Message::Lifecycle(match event {
+                    0 => Lifecycle::PowerOff,
+                    1 => Lifecycle::Reset,
+                    2 => Lifecycle::Exit(status),
+                    e => return Err(DecodeError(format!("lifecycle event {e}"))),
+                })
+            }
+            7 => Message::ClockPing { seq: r.u32()? },
+            8 => Message::ClockPong {
+                seq: r.u32()?,
+                now: ClockReading {
+                    tsc: r.u64()?,
+                    mono_ns: r.u64()?,
+                },
+                base: ClockReading {
+                    tsc: r.u64()?,
+                    mono_ns: r.u64()?,
+                },
+            },
             t => return Err(DecodeError(format!("unknown tag {t}"))),
         };
         if !r.0.is_empty() {
@@ -370,10 +441,10 @@ impl Message {
     }
 }
 
-/// A forwarded call waiting for its reply.
+/// A call to another node waiting for its reply.
 enum Slot {
     Waiting,
-    Done(u32, Vec<u8>),
+    Done(Message),
     Failed(RuntimeError),
 }
 
@@ -399,6 +470,10 @@ pub struct Runtime {
     /// A power-off was seen: peers leaving afterwards is no failure.
     ending: Arc<AtomicBool>,
     counts: Vec<VcpuCounts>,
+    /// Origin: its clocks at start, the guest clock's zero.
+    base: ClockReading,
+    /// How this host's clocks map to the guest clock (set during start).
+    clock: OnceLock<ClockSync>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -504,6 +579,8 @@ impl Runtime {
             stopping: Arc::new(AtomicBool::new(false)),
             ending: Arc::new(AtomicBool::new(false)),
             counts: (0..vcpus).map(|_| VcpuCounts::default()).collect(),
+            base: ClockReading::now(),
+            clock: OnceLock::new(),
         });
         let (app_tx, app_rx) = mpsc::channel::<AppJob>();
         let (exec_tx, exec_rx) = mpsc::channel::<IoJob>();
@@ -535,15 +612,35 @@ impl Runtime {
         let calls = rt.calls.clone();
         let ending = rt.ending.clone();
         let me = node.id();
+        let base = rt.base;
+        let weak_node = Arc::downgrade(&node);
         node.set_app_handler(Arc::new(move |from, ch, payload: &[u8]| {
             if ch != RUNTIME_CHANNEL {
                 return;
             }
             match Message::decode(payload) {
-                Ok(Message::IoReply { seq, result, data }) => {
+                Ok(Message::ClockPing { seq }) if me == 0 => {
+                    // Answered here, at once: the reading's delay is what the
+                    // estimate's error bound counts.
+                    let pong = Message::ClockPong {
+                        seq,
+                        now: ClockReading::now(),
+                        base,
+                    };
+                    if let Some(n) = weak_node.upgrade() {
+                        if let Err(e) = n.send_app(from, RUNTIME_CHANNEL, &pong.encode()) {
+                            debug!(error = %e, peer = from, "clock answer dropped");
+                        }
+                    }
+                }
+                Ok(m @ (Message::IoReply { .. } | Message::ClockPong { .. })) => {
+                    let seq = match m {
+                        Message::IoReply { seq, .. } | Message::ClockPong { seq, .. } => seq,
+                        _ => unreachable!("matched above"),
+                    };
                     let mut s = calls.slots.lock().expect("lock");
                     if let Some(slot) = s.get_mut(&seq) {
-                        *slot = Slot::Done(result, data);
+                        *slot = Slot::Done(m);
                         calls.cv.notify_all();
                     }
                 }
@@ -551,7 +648,7 @@ impl Runtime {
                     let _ = exec_tx.send((from, seq, access, data));
                 }
                 Ok(m) => {
-                    if matches!(m, Message::Lifecycle(Lifecycle::PowerOff)) {
+                    if matches!(m, Message::Lifecycle(e) if e.ends_vm()) {
                         // Before the sender's connection closes: its exit is
                         // no failure.
                         ending.store(true, Ordering::Release);
@@ -564,7 +661,74 @@ impl Runtime {
         // Everyone has its handler installed before anyone forwards.
         node.barrier()
             .map_err(|e| RuntimeError::Dsm(error_chain(&e)))?;
+        let clock = if me == 0 {
+            ClockSync::origin(rt.base)
+        } else {
+            rt.sync_clock()?
+        };
+        rt.clock.set(clock).expect("clock set once");
         Ok(rt)
+    }
+
+    /// Estimates this node's clocks against the origin's
+    /// ([`crate::clock`]).
+    fn sync_clock(&self) -> Result<ClockSync, RuntimeError> {
+        let mut samples = Vec::with_capacity(SYNC_SAMPLES);
+        let mut base = None;
+        for _ in 0..SYNC_SAMPLES {
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let sent = ClockReading::now();
+            let reply = self.call(0, seq, &Message::ClockPing { seq })?;
+            let received = ClockReading::now();
+            let Message::ClockPong { now, base: b, .. } = reply else {
+                return Err(RuntimeError::Clock(format!(
+                    "node 0 answered a clock ping with {reply:?}"
+                )));
+            };
+            base = Some(b);
+            samples.push(SyncSample {
+                sent,
+                origin: now,
+                received,
+            });
+        }
+        ClockSync::estimate(&samples, base.unwrap_or_default())
+    }
+
+    /// How this host's clocks map to the guest clock.
+    pub fn clock(&self) -> ClockSync {
+        self.clock.get().copied().unwrap_or_default()
+    }
+
+    /// Sends `msg` (a request numbered `seq`) to `to` and waits for the reply
+    /// with the same number, or for `to`'s failure.
+    fn call(&self, to: NodeId, seq: u32, msg: &Message) -> Result<Message, RuntimeError> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(RuntimeError::Stopping);
+        }
+        self.calls
+            .slots
+            .lock()
+            .expect("lock")
+            .insert(seq, Slot::Waiting);
+        if let Err(e) = self.node.send_app(to, RUNTIME_CHANNEL, &msg.encode()) {
+            self.calls.slots.lock().expect("lock").remove(&seq);
+            return Err(RuntimeError::NodeFailed {
+                node: to,
+                reason: e.to_string(),
+            });
+        }
+        let mut slots = self.calls.slots.lock().expect("lock");
+        loop {
+            match slots.remove(&seq) {
+                Some(Slot::Waiting) | None => {
+                    slots.insert(seq, Slot::Waiting);
+                    slots = self.calls.cv.wait(slots).expect("lock");
+                }
+                Some(Slot::Done(reply)) => return Ok(reply),
+                Some(Slot::Failed(e)) => return Err(e),
+            }
+        }
     }
 
     /// This host's node id.
@@ -583,18 +747,10 @@ impl Runtime {
         if access.len() > MAX_IO_DATA || data.len() < access.len() {
             return Err(RuntimeError::TooLarge(access.len()));
         }
-        if self.stopping.load(Ordering::Acquire) {
-            return Err(RuntimeError::Stopping);
-        }
         if let Some(c) = self.counts.get(access.cpu as usize) {
             c.forwarded.fetch_add(1, Ordering::Relaxed);
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.calls
-            .slots
-            .lock()
-            .expect("lock")
-            .insert(seq, Slot::Waiting);
         let payload = if access.is_write {
             data[..access.len()].to_vec()
         } else {
@@ -605,29 +761,22 @@ impl Runtime {
             access: *access,
             data: payload,
         };
-        if let Err(e) = self.node.send_app(0, RUNTIME_CHANNEL, &msg.encode()) {
-            self.calls.slots.lock().expect("lock").remove(&seq);
-            return Err(RuntimeError::NodeFailed {
-                node: 0,
-                reason: e.to_string(),
-            });
-        }
-        let mut slots = self.calls.slots.lock().expect("lock");
-        loop {
-            match slots.remove(&seq) {
-                Some(Slot::Waiting) | None => {
-                    slots.insert(seq, Slot::Waiting);
-                    slots = self.calls.cv.wait(slots).expect("lock");
+        match self.call(0, seq, &msg)? {
+            Message::IoReply {
+                result,
+                data: reply,
+                ..
+            } => {
+                if !access.is_write {
+                    let n = reply.len().min(access.len());
+                    data[..n].copy_from_slice(&reply[..n]);
                 }
-                Some(Slot::Done(result, reply)) => {
-                    if !access.is_write {
-                        let n = reply.len().min(access.len());
-                        data[..n].copy_from_slice(&reply[..n]);
-                    }
-                    return Ok(result);
-                }
-                Some(Slot::Failed(e)) => return Err(e),
+                Ok(result)
             }
+            other => Err(RuntimeError::NodeFailed {
+                node: 0,
+                reason: format!("answered an I/O request with {other:?}"),
+            }),
         }
     }
 
@@ -650,9 +799,9 @@ impl Runtime {
         self.send(0, &Message::IoapicEoi(vector))
     }
 
-    /// Tells every other host about a power-off or reset.
+    /// Tells every other host about a power-off, reset or exit.
     pub fn broadcast_lifecycle(&self, event: Lifecycle) -> Result<(), RuntimeError> {
-        if event == Lifecycle::PowerOff {
+        if event.ends_vm() {
             self.ending.store(true, Ordering::Release);
         }
         self.broadcast(&Message::Lifecycle(event))
@@ -681,12 +830,13 @@ impl Runtime {
             })
             .collect();
         format!(
-            "fragvisor: node {me} summary: vcpus=[{}] dsm_faults={} dsm_served={} bytes_sent={} bytes_received={}",
+            "fragvisor: node {me} summary: vcpus=[{}] dsm_faults={} dsm_served={} bytes_sent={} bytes_received={} clock_bound_ns={}",
             vcpus.join(","),
             s.faults(),
             s.served,
             s.bytes_sent,
-            s.bytes_received
+            s.bytes_received,
+            self.clock().mono.bound
         )
     }
 
@@ -761,12 +911,15 @@ impl Runtime {
                 Message::Apic(s) => self.host.apic_state(&s),
                 Message::IoapicEoi(v) => self.host.ioapic_eoi(v),
                 Message::Lifecycle(e) => {
-                    if e == Lifecycle::PowerOff {
+                    if e.ends_vm() {
                         self.ending.store(true, Ordering::Release);
                     }
                     self.host.lifecycle(e, from);
                 }
-                Message::IoRequest { .. } | Message::IoReply { .. } => {}
+                Message::IoRequest { .. }
+                | Message::IoReply { .. }
+                | Message::ClockPing { .. }
+                | Message::ClockPong { .. } => {}
             }
         }
     }
@@ -862,6 +1015,18 @@ mod tests {
             }),
             Message::IoapicEoi(0x31),
             Message::Lifecycle(Lifecycle::Reset),
+            Message::Lifecycle(Lifecycle::PowerOff),
+            Message::Lifecycle(Lifecycle::Exit(33)),
+            Message::Lifecycle(Lifecycle::Exit(-1)),
+            Message::ClockPing { seq: 77 },
+            Message::ClockPong {
+                seq: 77,
+                now: ClockReading {
+                    tsc: u64::MAX,
+                    mono_ns: 12,
+                },
+                base: ClockReading { tsc: 3, mono_ns: 4 },
+            },
         ];
         for m in msgs {
             assert_eq!(Message::decode(&m.encode()), Ok(m));
@@ -872,7 +1037,7 @@ mod tests {
     fn malformed_messages_are_named() {
         assert!(Message::decode(&[]).unwrap_err().0.contains("truncated"));
         assert_eq!(Message::decode(&[42]).unwrap_err().0, "unknown tag 42");
-        assert!(Message::decode(&[6, 7])
+        assert!(Message::decode(&[6, 7, 0, 0, 0, 0])
             .unwrap_err()
             .0
             .contains("lifecycle event 7"));

@@ -225,3 +225,40 @@ fn power_off_then_exit_is_no_failure() {
     assert!(!h0.has("failed"), "{:?}", h0.log.lock().unwrap());
     assert!(!h1.has("failed"));
 }
+
+#[test]
+fn exit_status_reaches_every_node_and_is_no_failure() {
+    let ((r0, h0), (r1, h1)) = pair();
+    r0.broadcast_lifecycle(Lifecycle::Exit(33)).unwrap();
+    h1.wait_for("lifecycle Exit(33) from 0");
+    r0.shutdown();
+    r1.shutdown();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!h0.has("failed"), "{:?}", h0.log.lock().unwrap());
+    assert!(!h1.has("failed"), "{:?}", h1.log.lock().unwrap());
+}
+
+#[test]
+fn clocks_are_aligned_to_the_origin() {
+    let ((r0, _h0), (r1, _h1)) = pair();
+    let (c0, c1) = (r0.clock(), r1.clock());
+    // The origin defines the clock; the other node estimated it.
+    assert_eq!((c0.samples, c0.tsc.delta, c0.tsc.bound), (0, 0, 0));
+    assert_eq!(c1.samples as usize, qemu_accel::clock::SYNC_SAMPLES);
+    assert!(c1.mono.bound > 0 && c1.tsc.bound > 0, "{c1:?}");
+    // Both nodes run on this machine: their clocks are one clock, so the
+    // true delta is 0 and must lie within the estimate's error bound.
+    assert!(c1.mono.delta.unsigned_abs() <= c1.mono.bound, "{c1:?}");
+    assert!(c1.tsc.delta.unsigned_abs() <= c1.tsc.bound, "{c1:?}");
+    // One reading maps to the same guest time on both nodes, within the bound.
+    let now = qemu_accel::clock::ClockReading::now();
+    let g0 = c0.mono.guest(now.mono_ns);
+    let g1 = c1.mono.guest(now.mono_ns);
+    assert!(g0.abs_diff(g1) <= c1.mono.bound, "{g0} vs {g1}");
+    let t0 = c0.tsc.guest(now.tsc);
+    assert!(t0.abs_diff(c1.tsc.guest(now.tsc)) <= c1.tsc.bound);
+    // The guest clock started at the origin's join: small, not host uptime.
+    assert!(g0 < 60_000_000_000, "{g0}");
+    r1.shutdown();
+    r0.shutdown();
+}

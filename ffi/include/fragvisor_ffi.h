@@ -385,6 +385,12 @@ int32_t fv_broadcast_exit(const FvRuntime *rt, int32_t status);
 int32_t fv_runtime_clock(const FvRuntime *rt, FvClock *out);
 
 /*
+ This host's `CLOCK_MONOTONIC` in ns, the clock `FvClock::mono_offset_ns`
+ applies to (the TCG engine's guest TSC is this plus that offset).
+ */
+uint64_t fv_clock_mono_ns(void);
+
+/*
  One log line on how this host's clocks were aligned to the origin's.
  Free it with `fv_string_free`; NULL for a NULL `rt`.
 

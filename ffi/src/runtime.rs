@@ -483,6 +483,13 @@ pub unsafe extern "C" fn fv_runtime_clock(rt: *const FvRuntime, out: *mut FvCloc
     0
 }
 
+/// This host's `CLOCK_MONOTONIC` in ns, the clock `FvClock::mono_offset_ns`
+/// applies to (the TCG engine's guest TSC is this plus that offset).
+#[no_mangle]
+pub extern "C" fn fv_clock_mono_ns() -> u64 {
+    qemu_accel::clock::mono_ns()
+}
+
 /// One log line on how this host's clocks were aligned to the origin's.
 /// Free it with `fv_string_free`; NULL for a NULL `rt`.
 ///

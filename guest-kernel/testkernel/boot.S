@@ -193,4 +193,16 @@ ap_entry32:
     pushl $0
     call ap_main
     jmp halt_forever
+
+/*
+ * copy16(dst, src): one 16-byte load and one 16-byte store (SSE movdqu),
+ * so that an MMIO operand is a single 16-byte access. Needs sse_enable().
+ */
+    .globl copy16
+copy16:
+    movl 4(%esp), %eax
+    movl 8(%esp), %edx
+    movdqu (%edx), %xmm0
+    movdqu %xmm0, (%eax)
+    ret
     .section .note.GNU-stack, "", @progbits

@@ -16,7 +16,9 @@
  * Command line (multiboot, from QEMU -append): cpus=N (use only the first N CPUs),
  * ipis=N (IPIs each way per AP, default 8), iters=N (lock xadd per vCPU, default
  * 20000), memkb=N (private region per vCPU, default 64), aptoap=0 (skip AP->AP IPIs),
- * extipi=0 (skip logical/lowest-priority/broadcast IPIs and NMIs).
+ * extipi=0 (skip logical/lowest-priority/broadcast IPIs and NMIs), tsc=N (TSC ping-pong
+ * rounds between the BSP and each AP, default 16; 0 skips the skew measurement), mmio16=0
+ * (skip the 16-byte MMIO check that runs when QEMU's "edu" PCI device is present).
  *
  * Keep the code boring: it must run through KVM's instruction emulator.
  */
@@ -72,6 +74,7 @@ extern const uint32_t isr_table[];
 extern const uint32_t isr_table_len;
 extern const uint8_t tramp_start[], tramp_end[];
 void load_idt(void);
+void copy16(volatile void *dst, const volatile void *src);
 
 /* Shared state (all CPUs). volatile: polled across CPUs. */
 uint32_t ap_boot_stack; /* read by ap_entry32 */
@@ -107,16 +110,30 @@ static volatile uint32_t cur_sender;           /* AP currently sending to the BS
 static volatile uint32_t shared_counter __attribute__((aligned(4096)));
 static volatile uint32_t print_lock __attribute__((aligned(4096)));
 static volatile uint32_t failed;
+/* TSC ping-pong between the BSP and one AP (tsc_skew). */
+static struct {
+    volatile uint32_t seq;
+    volatile uint32_t pad;
+    volatile uint64_t t1; /* the AP's TSC when it saw an odd seq */
+} tscbox __attribute__((aligned(4096)));
 
-static uint32_t opt_cpus, opt_ipis = 8, opt_iters = 20000, opt_memkb = 64, opt_aptoap = 1, opt_extipi = 1;
+static uint32_t opt_cpus, opt_ipis = 8, opt_iters = 20000, opt_memkb = 64, opt_aptoap = 1, opt_extipi = 1,
+                opt_tsc = 16, opt_mmio16 = 1;
 static uint32_t pm1a_cnt, slp_typ_s5;
 
-enum { CMD_NONE, CMD_SEND_TO_BSP, CMD_MEMTEST, CMD_SEND_TO_AP, CMD_HALT };
+enum { CMD_NONE, CMD_SEND_TO_BSP, CMD_MEMTEST, CMD_SEND_TO_AP, CMD_HALT, CMD_TSC, CMD_MMIO16 };
 
 /* ---------------- low level ---------------- */
 
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static inline void outw(uint16_t port, uint16_t v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline uint32_t inl(uint16_t port)
+{
+    uint32_t v;
+    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
 static inline uint8_t inb(uint16_t port)
 {
     uint8_t v;
@@ -532,6 +549,63 @@ static void memtest(uint32_t idx)
     mem_ok(idx) = region_check(idx);
 }
 
+/* ---------------- 16-byte MMIO (QEMU's edu device) ---------------- */
+
+/*
+ * edu (-device edu, PCI 1234:11e8) keeps its DMA source and destination
+ * addresses in two 64-bit registers at BAR0 + 0x80 and + 0x88: one 16-byte
+ * store sets both, one 16-byte load reads both. On a FragVisor cluster the
+ * device lives on the origin; an AP on another host must reach it there.
+ */
+#define EDU_DMA_SRC 0x80
+static uint32_t edu_bar;
+static volatile uint32_t mmio16_buf[4] __attribute__((aligned(16)));
+
+static uint32_t pci_read(uint32_t dev, uint32_t off)
+{
+    outl(0xcf8, 0x80000000u | dev << 11 | (off & 0xfc));
+    return inl(0xcfc);
+}
+
+static uint32_t find_edu(void)
+{
+    for (uint32_t dev = 0; dev < 32; dev++) {
+        if (pci_read(dev, 0) != 0x11e81234u)
+            continue;
+        uint32_t bar = pci_read(dev, 0x10);
+        if ((bar & 1) || !(pci_read(dev, 4) & 2)) /* memory BAR, decoding on */
+            return 0;
+        return bar & ~0xfu;
+    }
+    return 0;
+}
+
+static void sse_enable(void)
+{
+    uint32_t cr0, cr4;
+    __asm__ volatile("mov %%cr0, %0" : "=r"(cr0));
+    cr0 = (cr0 & ~(1u << 2)) | (1u << 1); /* EM off, MP on */
+    __asm__ volatile("mov %0, %%cr0" ::"r"(cr0));
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    cr4 |= (1u << 9) | (1u << 10); /* OSFXSR, OSXMMEXCPT */
+    __asm__ volatile("mov %0, %%cr4" ::"r"(cr4));
+}
+
+static uint32_t mmio16_word(uint32_t idx, uint32_t k) { return 0x5a000000u ^ (idx << 16) ^ (k * 0x01010101u); }
+
+/* On CPU idx: store 16 bytes to edu in one access, load them back in one. */
+static void mmio16_store_load(uint32_t idx)
+{
+    volatile uint32_t *regs = (volatile uint32_t *)(edu_bar + EDU_DMA_SRC);
+    sse_enable();
+    for (uint32_t k = 0; k < 4; k++)
+        mmio16_buf[k] = mmio16_word(idx, k);
+    copy16(regs, mmio16_buf);
+    for (uint32_t k = 0; k < 4; k++)
+        mmio16_buf[k] = 0;
+    copy16(mmio16_buf, regs);
+}
+
 /* ---------------- APs ---------------- */
 
 void ap_main(void)
@@ -569,6 +643,18 @@ void ap_main(void)
         case CMD_MEMTEST:
             memtest(idx);
             break;
+        case CMD_MMIO16:
+            mmio16_store_load(idx);
+            break;
+        case CMD_TSC: /* answer cmd_arg TSC pings from the BSP */
+            for (uint32_t r = 1; r <= cmd_arg(idx); r++) {
+                if (!wait_eq(&tscbox.seq, 2 * r - 1, 0))
+                    fail("timeout: TSC ping from the BSP", idx, r);
+                tscbox.t1 = rdtsc();
+                barrier();
+                tscbox.seq = 2 * r;
+            }
+            break;
         case CMD_HALT:
             done_seq(idx) = seen;
             cli();
@@ -588,6 +674,42 @@ static void ap_command(uint32_t idx, uint32_t c, uint32_t arg)
 }
 
 static int ap_wait(uint32_t idx) { return wait_eq(&done_seq(idx), cmd_seq(idx), 0); }
+
+static int32_t clamp32(int64_t v) { return v > 0x7fffffff ? 0x7fffffff : v < -0x7fffffff ? -0x7fffffff : (int32_t)v; }
+
+/*
+ * Skew between the BSP's TSC and AP idx's, in cycles. Each round the BSP
+ * reads t0 and pings; the AP reads t1 and answers; the BSP reads t2 on the
+ * answer. The AP's read happened between t0 and t2 on the BSP's clock, so
+ * skew (AP minus BSP) lies in [t1 - t2, t1 - t0]; the intersection over all
+ * rounds is printed (clamped to 32 bits). With one clock it holds 0.
+ */
+static void tsc_skew(uint32_t idx)
+{
+    int64_t lo = -0x7fffffffffffffffll, hi = 0x7fffffffffffffffll;
+    uint64_t rtt_min = ~0ull;
+    tscbox.seq = 0;
+    barrier();
+    ap_command(idx, CMD_TSC, opt_tsc);
+    for (uint32_t r = 1; r <= opt_tsc; r++) {
+        uint64_t t0 = rdtsc();
+        tscbox.seq = 2 * r - 1;
+        if (!wait_eq(&tscbox.seq, 2 * r, 0))
+            fail("timeout: TSC pong from AP", idx, r);
+        uint64_t t2 = rdtsc();
+        uint64_t t1 = tscbox.t1;
+        if ((int64_t)(t1 - t2) > lo)
+            lo = (int64_t)(t1 - t2);
+        if ((int64_t)(t1 - t0) < hi)
+            hi = (int64_t)(t1 - t0);
+        if (t2 - t0 < rtt_min)
+            rtt_min = t2 - t0;
+    }
+    if (!ap_wait(idx))
+        fail("timeout: TSC phase on AP", idx, 0);
+    say("tsc cpu %u skew lo=%d hi=%d cycles rtt_min=%d rounds=%u", idx, clamp32(lo), clamp32(hi),
+        clamp32((int64_t)rtt_min), opt_tsc);
+}
 
 /* The memory phase moves pages between hosts on a FragVisor cluster: allow 8x longer. */
 static int ap_wait_long(uint32_t idx)
@@ -642,6 +764,8 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
     opt_memkb = parse_opt(cl, "memkb", opt_memkb);
     opt_aptoap = parse_opt(cl, "aptoap", opt_aptoap);
     opt_extipi = parse_opt(cl, "extipi", opt_extipi);
+    opt_tsc = parse_opt(cl, "tsc", opt_tsc);
+    opt_mmio16 = parse_opt(cl, "mmio16", opt_mmio16);
     if (opt_memkb == 0)
         opt_memkb = 4;
 
@@ -765,6 +889,32 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
                 fail("timeout: NMI to AP", i, nmi_recv(i));
             say("nmi bsp->%u ok", i);
         }
+    }
+
+    /* One clock: the TSC skew between the BSP and each AP. */
+    if (opt_tsc)
+        for (uint32_t i = 1; i < n; i++)
+            tsc_skew(i);
+
+    /*
+     * 16-byte MMIO from the last AP (on a cluster, the one furthest from the
+     * origin): its store must reach the device the BSP sees, and its load
+     * must return what the device holds.
+     */
+    edu_bar = opt_mmio16 ? find_edu() : 0;
+    if (edu_bar && n >= 2) {
+        uint32_t ap = n - 1;
+        ap_command(ap, CMD_MMIO16, 0);
+        if (!ap_wait(ap))
+            fail("timeout: 16-byte MMIO on AP", ap, edu_bar);
+        for (uint32_t k = 0; k < 4; k++)
+            if (mmio16_buf[k] != mmio16_word(ap, k))
+                fail("16-byte MMIO load on AP", k, mmio16_buf[k]);
+        /* The BSP reads both registers with 32-bit loads (the low halves). */
+        volatile uint32_t *regs = (volatile uint32_t *)(edu_bar + EDU_DMA_SRC);
+        if (regs[0] != mmio16_word(ap, 0) || regs[2] != mmio16_word(ap, 2))
+            fail("16-byte MMIO store from AP not in the device", regs[0], regs[2]);
+        say("mmio16 cpu %u ok bar=%x", ap, edu_bar);
     }
 
     /* Memory: every vCPU fills and checks its own region and adds to one counter. */

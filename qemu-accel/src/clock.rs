@@ -18,8 +18,41 @@
 //! engine's guest TSC ticks at 1 GHz from it). Both assume the hosts' clocks
 //! tick at one rate: TSCs of the same frequency (else give the guest a fixed
 //! `tsc-frequency`), monotonic clocks kept in step by NTP or PTP.
+//!
+//! Hosts on one machine share their clocks. To test the alignment there,
+//! `FRAGVISOR_TEST_CLOCK_SKEW_NS=N` shifts this process's monotonic clock by
+//! N ns, as if it ran on a host whose clock is off by that much.
+
+use std::sync::OnceLock;
 
 use crate::runtime::RuntimeError;
+
+/// Test knob: `FRAGVISOR_TEST_CLOCK_SKEW_NS`, read once.
+pub const TEST_SKEW_ENV: &str = "FRAGVISOR_TEST_CLOCK_SKEW_NS";
+
+fn test_skew_ns() -> i64 {
+    static SKEW: OnceLock<i64> = OnceLock::new();
+    *SKEW.get_or_init(|| {
+        std::env::var(TEST_SKEW_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// This host's `CLOCK_MONOTONIC` in ns (shifted by the test knob, if set).
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+        .wrapping_add(test_skew_ns() as u64)
+}
 
 /// Exchanges a non-origin node makes with the origin at start.
 pub const SYNC_SAMPLES: usize = 32;
@@ -37,17 +70,9 @@ impl ClockReading {
     /// Reads both clocks now (the TSC first, then the monotonic clock).
     pub fn now() -> ClockReading {
         let tsc = read_tsc();
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid timespec; CLOCK_MONOTONIC always exists.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         ClockReading {
             tsc,
-            mono_ns: (ts.tv_sec as u64)
-                .wrapping_mul(1_000_000_000)
-                .wrapping_add(ts.tv_nsec as u64),
+            mono_ns: mono_ns(),
         }
     }
 }

@@ -106,6 +106,11 @@ struct ClusterSpec {
     no_reboot: bool,
     /// `vcpu-map=`: the host of each vCPU; `None` for contiguous blocks.
     vcpu_map: Option<Vec<usize>>,
+    /// More QEMU arguments for every node (e.g. `-device edu`).
+    extra_args: Vec<String>,
+    /// The last node's monotonic clock runs this far from the others'
+    /// (`FRAGVISOR_TEST_CLOCK_SKEW_NS`), as on a host with its own clock.
+    last_node_clock_skew_ns: i64,
 }
 
 impl ClusterSpec {
@@ -213,7 +218,13 @@ impl Cluster {
             if spec.no_reboot {
                 cmd.arg("-no-reboot");
             }
-            cmd.args(&numa).args(&guest_args);
+            cmd.args(&numa).args(&guest_args).args(&spec.extra_args);
+            if k == spec.nodes - 1 && spec.last_node_clock_skew_ns != 0 {
+                cmd.env(
+                    "FRAGVISOR_TEST_CLOCK_SKEW_NS",
+                    spec.last_node_clock_skew_ns.to_string(),
+                );
+            }
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
@@ -339,6 +350,21 @@ fn linux_append(workload: &str) -> String {
 }
 
 /// The summary line of node `id`, with the count of each vCPU it ran.
+/// `(lo, hi, rtt_min)` of the test kernel's `tsc cpu N skew` line.
+fn tsc_skew(console: &str, cpu: u32) -> Option<(i64, i64, i64)> {
+    let prefix = format!("FVTEST: tsc cpu {cpu} skew ");
+    let line = console
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix(prefix.as_str()))?;
+    let field = |name: &str| -> Option<i64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))?
+            .parse()
+            .ok()
+    };
+    Some((field("lo=")?, field("hi=")?, field("rtt_min=")?))
+}
+
 fn summary_counts(r: &NodeResult) -> Vec<(u32, u64)> {
     let prefix = format!("fragvisor: node {} summary:", r.id);
     let line = r
@@ -374,6 +400,8 @@ fn linux_cluster_runs_workloads(nodes: usize, vcpu_map: Option<Vec<usize>>) {
         guest: Guest::Linux(linux_append("fv.workload=all")),
         no_reboot: true,
         vcpu_map,
+        extra_args: Vec::new(),
+        last_node_clock_skew_ns: 0,
     };
     let results = Cluster::start(&spec).finish(Duration::from_secs(420));
     let all = transcript(&results);
@@ -443,6 +471,8 @@ fn tcg_two_nodes_reboot_boots_again() {
         guest: Guest::Linux(linux_append("fv.workload=reboot")),
         no_reboot: false,
         vcpu_map: None,
+        extra_args: Vec::new(),
+        last_node_clock_skew_ns: 0,
     };
     let results = Cluster::start(&spec).finish(Duration::from_secs(420));
     let all = transcript(&results);
@@ -480,6 +510,8 @@ fn tcg_killed_node_stops_the_origin_naming_it() {
         guest: Guest::Linux(linux_append("fv.workload=counter fv.iters=1000000000")),
         no_reboot: true,
         vcpu_map: None,
+        extra_args: Vec::new(),
+        last_node_clock_skew_ns: 0,
     };
     let mut cluster = Cluster::start(&spec);
     let started = cluster.wait_origin_line("FV: workload counter start", Duration::from_secs(300));
@@ -520,11 +552,15 @@ fn kvm_two_nodes_test_kernel_sipi_ipis_and_remote_port_io() {
         guest: Guest::TestKernel(String::new()),
         no_reboot: true,
         vcpu_map: None,
+        extra_args: Vec::new(),
+        last_node_clock_skew_ns: 0,
     };
     let results = Cluster::start(&spec).finish(Duration::from_secs(240));
     let all = transcript(&results);
-    // isa-debug-exit: (0x10 << 1) | 1 = 33 is PASS
+    // isa-debug-exit: (0x10 << 1) | 1 = 33 is PASS; the VM's exit status
+    // is every node's.
     assert_eq!(results[0].code(), Some(33), "origin exit status\n{all}");
+    assert_eq!(results[1].code(), Some(33), "node 1 exit status\n{all}");
     let console = &results[0].stdout;
     for needle in [
         "FVTEST: cpu 0 online apic=0 (bsp)",
@@ -539,8 +575,78 @@ fn kvm_two_nodes_test_kernel_sipi_ipis_and_remote_port_io() {
         assert!(console.contains(needle), "console lacks {needle:?}\n{all}");
     }
     assert!(!console.contains("FVTEST: FAIL"), "{all}");
+    // One clock: the TSC skew between vCPU 0 (node 0) and vCPU 1 (node 1),
+    // bounded by a ping-pong in the guest, contains 0.
+    let (lo, hi, rtt) = tsc_skew(console, 1).unwrap_or_else(|| panic!("no TSC skew line\n{all}"));
+    assert!(
+        lo <= 0 && 0 <= hi,
+        "cross-host TSC skew [{lo}, {hi}] excludes 0\n{all}"
+    );
+    eprintln!("guest TSC skew cpu0 (node 0) vs cpu1 (node 1): [{lo}, {hi}] cycles, ping-pong {rtt} cycles");
+    // Node 1 aligned its clock to node 0's and said how well.
+    assert!(
+        results[1]
+            .stderr
+            .contains("fragvisor: node 1 guest clock aligned to node 0"),
+        "{all}"
+    );
     let n1 = summary_counts(&results[1]);
     assert_eq!(n1.len(), 1, "node 1 runs vCPU 1 only\n{all}");
     assert_eq!(n1[0].0, 1, "{all}");
     assert!(n1[0].1 > 0, "node 1 never ran vCPU 1\n{all}");
+}
+
+/// `fragvisor-tcg`, the test kernel on 2 nodes whose clocks differ by 50 ms
+/// (node 1's monotonic clock is shifted): node 1 measures the difference
+/// against node 0 and the guest still sees one TSC across the hosts. The
+/// AP on node 1 also makes 16-byte MMIO accesses (SSE) to the `edu` device,
+/// which lives on the origin: its store and load must reach it there.
+#[test]
+fn tcg_two_nodes_one_clock_and_wide_mmio() {
+    let _one = serialize();
+    let skew_ns: i64 = 50_000_000;
+    let spec = ClusterSpec {
+        engine: "fragvisor-tcg",
+        nodes: 2,
+        smp: 2,
+        mem_mib: 128,
+        guest: Guest::TestKernel(String::new()),
+        no_reboot: true,
+        vcpu_map: None,
+        extra_args: vec!["-device".into(), "edu".into()],
+        last_node_clock_skew_ns: skew_ns,
+    };
+    let results = Cluster::start(&spec).finish(Duration::from_secs(240));
+    let all = transcript(&results);
+    assert_eq!(results[0].code(), Some(33), "origin exit status\n{all}");
+    assert_eq!(results[1].code(), Some(33), "node 1 exit status\n{all}");
+    let console = &results[0].stdout;
+    assert!(console.contains("FVTEST: PASS"), "{all}");
+    assert!(console.contains("FVTEST: mmio16 cpu 1 ok"), "{all}");
+    // Node 1 found its clock 50 ms ahead of node 0's.
+    let line = results[1]
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("fragvisor: node 1 guest clock aligned to node 0"))
+        .unwrap_or_else(|| panic!("node 1 reported no clock alignment\n{all}"));
+    let after = line.split("monotonic delta ").nth(1).expect("delta");
+    let delta: i64 = after.split(' ').next().unwrap().parse().expect("delta ns");
+    let bound: i64 = after
+        .split("(±")
+        .nth(1)
+        .and_then(|b| b.split(' ').next())
+        .and_then(|b| b.parse().ok())
+        .expect("bound ns");
+    assert!(
+        (delta + skew_ns).abs() <= bound,
+        "measured delta {delta} ns ± {bound}, real -{skew_ns}\n{all}"
+    );
+    // The guest's TSC (1 GHz under TCG) is one clock: the skew between
+    // vCPU 0 on node 0 and vCPU 1 on node 1 contains 0, not 50 ms.
+    let (lo, hi, rtt) = tsc_skew(console, 1).unwrap_or_else(|| panic!("no TSC line\n{all}"));
+    assert!(
+        lo <= 0 && 0 <= hi,
+        "cross-host TSC skew [{lo}, {hi}] ns excludes 0\n{all}"
+    );
+    eprintln!("TCG guest TSC skew node 0 vs node 1 (host clocks 50 ms apart): [{lo}, {hi}] ns, ping-pong {rtt} ns");
 }

@@ -261,8 +261,8 @@ fn commas_in_the_key_path_are_escaped() {
 fn numa_layout_matches_placement() {
     let mut spec = two_node_tcg();
     spec.smp = 5;
-    assert_eq!(numa_cpus(&spec, 0).unwrap(), "0-2");
-    assert_eq!(numa_cpus(&spec, 1).unwrap(), "3-4");
+    assert_eq!(numa_cpus(&spec, 0).unwrap(), "cpus=0-2");
+    assert_eq!(numa_cpus(&spec, 1).unwrap(), "cpus=3-4");
     spec.memory_mib = 513;
     assert_eq!(numa_mem_mib(&spec, 0), 257);
     assert_eq!(numa_mem_mib(&spec, 1), 256);
@@ -307,4 +307,65 @@ fn cluster_script_needs_hosts() {
     let err = cluster_script(&spec, "q".as_ref()).unwrap_err();
     assert!(err.to_string().contains("--hosts"), "{err}");
     assert_eq!(err.exit_code(), 2);
+}
+
+fn vcpu_map_spec(map: Vec<u32>) -> Result<VmSpec, String> {
+    VmSpec::resolve(
+        FileConfig::default(),
+        Overrides {
+            nodes: Some(2),
+            engine: Some(Engine::Tcg),
+            smp: Some(map.len() as u32),
+            memory_mib: Some(512),
+            vcpu_map: Some(map),
+            ..Overrides::default()
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn vcpu_map_reaches_the_accelerator_numa_and_smp() {
+    let spec = vcpu_map_spec(vec![0, 1, 1, 0]).unwrap();
+    let addrs = ClusterAddrs {
+        peers: loopback(&[7400, 7401]),
+        key_file: Some(PathBuf::from("/k")),
+    };
+    assert!(
+        accel_value(&spec, 1, &addrs).ends_with(",vcpu-map=0;1;1;0"),
+        "{}",
+        accel_value(&spec, 1, &addrs)
+    );
+    // Each guest NUMA node lists the vCPUs of its host, in runs.
+    assert_eq!(numa_cpus(&spec, 0).unwrap(), "cpus=0,cpus=3");
+    assert_eq!(numa_cpus(&spec, 1).unwrap(), "cpus=1-2");
+    let a = node_args(&spec, 0, &addrs).unwrap();
+    let smp = a.iter().position(|x| x == "-smp").unwrap();
+    // Not one socket per host: the hosts' vCPUs are not contiguous.
+    assert_eq!(a[smp + 1], "4");
+    assert!(a.contains(&"node,nodeid=0,cpus=0,cpus=3,memdev=fv-mem0".to_string()));
+}
+
+#[test]
+fn bad_vcpu_maps_are_refused_with_the_reason() {
+    for (map, want) in [
+        (vec![0, 1, 2], "vCPU 2 is placed on node 2, but nodes=2"),
+        (vec![1, 0], "vCPU 0 (the boot CPU) is placed on node 1"),
+        (vec![0, 0, 0], "node 1 runs no vCPU"),
+    ] {
+        let e = vcpu_map_spec(map.clone()).unwrap_err();
+        assert!(e.contains(want), "{map:?}: {e}");
+    }
+    let e = VmSpec::resolve(
+        FileConfig::default(),
+        Overrides {
+            nodes: Some(2),
+            smp: Some(4),
+            vcpu_map: Some(vec![0, 1]),
+            ..Overrides::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("vcpu-map lists 2 vCPU(s) but smp=4"), "{e}");
 }

@@ -290,6 +290,14 @@ fn binary_bad_input_exits_2() {
         ),
         (&["run", "--memory", "lots"], "memory 'lots'"),
         (&["print", "--nodes", "2", "--smp", "2"], "--hosts"),
+        (
+            &["run", "--nodes", "2", "--smp", "2", "--vcpu-map", "0,2"],
+            "vcpu-map: vCPU 1 is placed on node 2, but nodes=2",
+        ),
+        (
+            &["run", "--nodes", "2", "--smp", "2", "--vcpu-map", "0,x"],
+            "invalid value 'x'",
+        ),
         (&["frobnicate"], "unrecognized subcommand"),
     ];
     for (args, needle) in cases {
@@ -342,4 +350,56 @@ fn binary_keygen() {
     let (code, _) = fragvisor(&["keygen", key.to_str().unwrap()]);
     assert_eq!(code, 1, "keygen never overwrites");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn vcpu_map_from_file_and_flag() {
+    let spec = resolve(
+        "nodes = 2\nsmp = 4\nvcpu-map = [0, 1, 0, 1]\n",
+        Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(spec.vcpu_map, Some(vec![0, 1, 0, 1]));
+    let spec = resolve(
+        "nodes = 2\nsmp = 4\nvcpu-map = [0, 1, 0, 1]\n",
+        Overrides {
+            vcpu_map: Some(vec![0, 0, 1, 1]),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(spec.vcpu_map, Some(vec![0, 0, 1, 1]));
+    assert!(usage(resolve(
+        "nodes = 2\nsmp = 2\nvcpu-map = [0, 0]\n",
+        Overrides::default()
+    ))
+    .contains("node 1 runs no vCPU"));
+}
+
+#[test]
+fn binary_print_with_vcpu_map() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fragvisor"))
+        .args([
+            "print",
+            "--engine",
+            "fragvisor-tcg",
+            "--smp",
+            "4",
+            "--hosts",
+            "h0,h1",
+            "--qemu",
+            "/opt/q",
+            "--vcpu-map",
+            "0,1,0,1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("vcpu-map=0;1;0;1"), "{text}");
+    assert!(text.contains("cpus=0,cpus=2"), "{text}");
 }

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use super::spec::VmSpec;
 use super::LaunchError;
 use crate::config::PeerAddr;
-use crate::placement::VcpuPlacement;
 
 /// What every node needs to know about the cluster besides the [`VmSpec`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,17 +20,32 @@ pub fn escape_opt_value(value: &str) -> String {
     value.replace(',', ",,")
 }
 
-/// The vCPUs of guest NUMA node `k` (= host `k`): the contiguous block the
-/// accelerator places on host `k`, as QEMU's `cpus=` range.
+/// The vCPUs of guest NUMA node `k` (= host `k`): those the accelerator
+/// places on host `k`, as QEMU `-numa node` options (`cpus=0-1` or, for a
+/// `vcpu-map` that is not contiguous, `cpus=0,cpus=2`).
 pub fn numa_cpus(spec: &VmSpec, node: u32) -> Result<String, LaunchError> {
-    let placement = VcpuPlacement::contiguous(spec.nodes, spec.smp)
-        .map_err(|e| LaunchError::Usage(e.to_string()))?;
-    let cpus: Vec<u32> = placement.vcpus_of(node).collect();
-    match (cpus.first(), cpus.last()) {
-        (Some(a), Some(b)) if a == b => Ok(a.to_string()),
-        (Some(a), Some(b)) => Ok(format!("{a}-{b}")),
-        _ => Err(LaunchError::Usage(format!("node {node} runs no vCPU"))),
+    let placement = spec.placement()?;
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for c in placement.vcpus_of(node) {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == c => *end = c,
+            _ => ranges.push((c, c)),
+        }
     }
+    if ranges.is_empty() {
+        return Err(LaunchError::Usage(format!("node {node} runs no vCPU")));
+    }
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|&(a, b)| {
+            if a == b {
+                format!("cpus={a}")
+            } else {
+                format!("cpus={a}-{b}")
+            }
+        })
+        .collect();
+    Ok(parts.join(","))
 }
 
 /// Guest RAM of NUMA node `k`, MiB: an even split, the first nodes taking
@@ -61,6 +75,10 @@ pub fn accel_value(spec: &VmSpec, node: u32, addrs: &ClusterAddrs) -> String {
     if let Some(ms) = spec.peer_timeout_ms {
         v.push_str(&format!(",peer-timeout-ms={ms}"));
     }
+    if let Some(map) = &spec.vcpu_map {
+        let m: Vec<String> = map.iter().map(u32::to_string).collect();
+        v.push_str(&format!(",vcpu-map={}", m.join(";")));
+    }
     v
 }
 
@@ -74,10 +92,11 @@ fn machine_value(spec: &VmSpec) -> String {
     }
 }
 
-/// `-smp`: one socket per host when the vCPUs divide evenly, so the guest
-/// does not believe CPUs on different hosts share a cache.
+/// `-smp`: one socket per host when the vCPUs divide evenly into contiguous
+/// blocks, so the guest does not believe CPUs on different hosts share a
+/// cache. With a `vcpu-map`, QEMU's default (one socket per vCPU).
 fn smp_value(spec: &VmSpec) -> String {
-    if spec.nodes > 1 && spec.smp.is_multiple_of(spec.nodes) {
+    if spec.nodes > 1 && spec.smp.is_multiple_of(spec.nodes) && spec.vcpu_map.is_none() {
         format!("{},sockets={}", spec.smp, spec.nodes)
     } else {
         spec.smp.to_string()
@@ -112,10 +131,7 @@ pub fn node_args(
             ]);
             push(&[
                 "-numa",
-                &format!(
-                    "node,nodeid={k},cpus={},memdev=fv-mem{k}",
-                    numa_cpus(spec, k)?
-                ),
+                &format!("node,nodeid={k},{},memdev=fv-mem{k}", numa_cpus(spec, k)?),
             ]);
         }
     }

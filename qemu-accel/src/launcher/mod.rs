@@ -145,6 +145,10 @@ pub struct VmArgs {
     /// DSM peer timeout in ms, passed to the accelerator as peer-timeout-ms=.
     #[arg(long)]
     peer_timeout_ms: Option<u64>,
+    /// Node that runs each vCPU, in vCPU order, e.g. 0,1,0,1 (vCPU 0 on
+    /// node 0, every node at least one) [default: contiguous blocks].
+    #[arg(long, value_delimiter = ',', value_name = "NODE,NODE,...")]
+    vcpu_map: Option<Vec<u32>>,
     /// Cluster key file [default: a fresh random key per run, 0600 temp file].
     #[arg(long)]
     key_file: Option<PathBuf>,
@@ -219,6 +223,7 @@ impl VmArgs {
             port: self.port,
             hosts: (!hosts.is_empty()).then_some(hosts),
             peer_timeout_ms: self.peer_timeout_ms,
+            vcpu_map: self.vcpu_map,
             key_file: self.key_file,
             stop_timeout,
             timeout,

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::LaunchError;
 use crate::config::{Engine, PeerAddr, MAX_NODES};
+use crate::placement::VcpuPlacement;
 
 /// Kernel command line used when a kernel is given without `append`.
 pub const DEFAULT_APPEND: &str = "console=ttyS0 clocksource=tsc tsc=reliable";
@@ -139,6 +140,8 @@ pub struct FileConfig {
     pub hosts: Option<Vec<String>>,
     /// DSM peer timeout handed to the accelerator, ms.
     pub peer_timeout_ms: Option<u64>,
+    /// Node that runs each vCPU, in vCPU order (default: contiguous blocks).
+    pub vcpu_map: Option<Vec<u32>>,
     /// Cluster key file (generated per run when absent).
     pub key_file: Option<PathBuf>,
     /// Seconds the other nodes get to stop after the first exits.
@@ -202,6 +205,7 @@ pub struct Overrides {
     pub port: Option<u16>,
     pub hosts: Option<Vec<String>>,
     pub peer_timeout_ms: Option<u64>,
+    pub vcpu_map: Option<Vec<u32>>,
     pub key_file: Option<PathBuf>,
     pub stop_timeout: Option<f64>,
     pub timeout: Option<f64>,
@@ -242,12 +246,43 @@ pub struct VmSpec {
     pub hosts: Vec<String>,
     /// DSM peer timeout for the accelerator, ms.
     pub peer_timeout_ms: Option<u64>,
+    /// Explicit vCPU placement (`vcpu-map`): node of each vCPU.
+    pub vcpu_map: Option<Vec<u32>>,
     /// Cluster key file, if given.
     pub key_file: Option<PathBuf>,
     /// Time the other nodes get to stop after the first exits.
     pub stop_timeout: Duration,
     /// Limit on the whole run.
     pub timeout: Option<Duration>,
+}
+
+/// `vcpu-map`: one entry per vCPU, each a node of the cluster, vCPU 0 on
+/// the origin, every node running at least one vCPU.
+fn check_vcpu_map(map: &[u32], nodes: u32, smp: u32) -> Result<(), LaunchError> {
+    let usage = |m: String| Err(LaunchError::Usage(m));
+    if map.len() != smp as usize {
+        return usage(format!(
+            "vcpu-map lists {} vCPU(s) but smp={smp}: give the node of every vCPU",
+            map.len()
+        ));
+    }
+    if let Some((cpu, node)) = map.iter().enumerate().find(|(_, &n)| n >= nodes) {
+        return usage(format!(
+            "vcpu-map: vCPU {cpu} is placed on node {node}, but nodes={nodes}"
+        ));
+    }
+    if map[0] != 0 {
+        return usage(format!(
+            "vcpu-map: vCPU 0 (the boot CPU) is placed on node {}; it must run on the origin, node 0",
+            map[0]
+        ));
+    }
+    if let Some(idle) = (0..nodes).find(|n| !map.contains(n)) {
+        return usage(format!(
+            "vcpu-map: node {idle} runs no vCPU; every node must run at least one"
+        ));
+    }
+    Ok(())
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration, LaunchError> {
@@ -333,6 +368,10 @@ impl VmSpec {
         if port == Some(0) {
             return usage("port=0: expected a TCP port 1..65535".into());
         }
+        let vcpu_map = flags.vcpu_map.or(file.vcpu_map);
+        if let Some(map) = &vcpu_map {
+            check_vcpu_map(map, nodes, smp)?;
+        }
         Ok(VmSpec {
             nodes,
             engine: flags
@@ -353,10 +392,20 @@ impl VmSpec {
             port,
             hosts,
             peer_timeout_ms: flags.peer_timeout_ms.or(file.peer_timeout_ms),
+            vcpu_map,
             key_file: flags.key_file.or(file.key_file),
             stop_timeout,
             timeout,
         })
+    }
+
+    /// Which node runs each vCPU: `vcpu-map`, else contiguous blocks.
+    pub fn placement(&self) -> Result<VcpuPlacement, LaunchError> {
+        match &self.vcpu_map {
+            Some(map) => VcpuPlacement::from_numa(self.nodes, map),
+            None => VcpuPlacement::contiguous(self.nodes, self.smp),
+        }
+        .map_err(|e| LaunchError::Usage(format!("vcpu placement: {e}")))
     }
 
     /// The addresses of a real cluster: `hosts` (each `host` or

@@ -6,7 +6,7 @@
 # through the launcher on this machine, and measures the wall time from the
 # launch to the `FV: boot` marker, to `FV: RESULT PASS` and to the launcher's
 # exit. It collects each node's `fragvisor: node K summary:` line (DSM faults,
-# served, bytes sent/received) and the guest's `FV: tscskew max_bound=`
+# served, bytes sent/received, the clock alignment bound) and the guest's `FV: tscskew max_bound=`
 # (with fragvisor-tcg and nodes > 1 the guest TSC runs at 1 GHz: cycles = ns).
 #
 # Prints a table, then as its LAST line one JSON object with every figure.
@@ -20,6 +20,7 @@
 #   FV_BENCH_TIMEOUT   seconds per run before the launcher stops it (default 300)
 #   FV_BENCH_LOGS      keep the per-run console/stderr logs in this directory
 #   FRAGVISOR_QEMU, FRAGVISOR_GUEST_KERNEL, FRAGVISOR_INITRAMFS: skip the builds
+#   FRAGVISOR_DSM_PREFETCH  DSM read-ahead for guest RAM, pages (passed to every node)
 set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 cd "$FV_ROOT"
@@ -66,7 +67,7 @@ bench_one() {
     local n=$1 con=$WORK/nodes$1.console err=$WORK/nodes$1.stderr
     local t0 t line boot_t="" pass_t="" fail_line="" rc
     R_BOOT=null R_PASS=null R_EXIT=null R_UPTIME=null R_SKEW=null R_PAIRS="" R_RC=-1 R_OK=false
-    R_FAULTS=() R_SERVED=() R_SENT=() R_RECV=()
+    R_FAULTS=() R_SERVED=() R_SENT=() R_RECV=() R_CLOCK=()
 
     fv_log "nodes=$n: starting (timeout ${RUN_TIMEOUT}s)"
     t0=$EPOCHREALTIME
@@ -111,6 +112,7 @@ bench_one() {
         R_SERVED+=("$(sed -nE 's/.* dsm_served=([0-9]+).*/\1/p' <<<"$s")")
         R_SENT+=("$(sed -nE 's/.* bytes_sent=([0-9]+).*/\1/p' <<<"$s")")
         R_RECV+=("$(sed -nE 's/.* bytes_received=([0-9]+).*/\1/p' <<<"$s")")
+        R_CLOCK+=("$(sed -nE 's/.* clock_bound_ns=([0-9]+).*/\1/p' <<<"$s")")
     done
 
     if [ "$rc" -eq 0 ] && [ -n "$pass_t" ]; then
@@ -145,12 +147,14 @@ for n in $NODES_LIST; do
     bench_one "$n"
     $R_OK || all_ok=false
     json+=",\"nodes_$n\":{\"ok\":$R_OK,\"launcher_rc\":$R_RC,\"boot_s\":$R_BOOT,\"pass_s\":$R_PASS,\"exit_s\":$R_EXIT"
-    # nodes > 1: the fragvisor-tcg guest TSC is CLOCK_REALTIME at 1 GHz, so cycles = ns;
+    # nodes > 1: the fragvisor-tcg guest TSC is the origin-aligned monotonic clock at
+    # 1 GHz, so cycles = ns;
     # nodes = 1 keeps QEMU's own TSC rate: cycles only.
     skew_ns=null; [ "$n" -gt 1 ] && skew_ns=$R_SKEW
     json+=",\"boot_uptime_s\":$R_UPTIME,\"tsc_skew_ns\":$skew_ns,\"tsc_skew_cycles\":$R_SKEW,\"tsc_pair_bounds\":{$R_PAIRS}"
     json+=",\"dsm_faults\":$(json_arr "${R_FAULTS[@]}"),\"dsm_served\":$(json_arr "${R_SERVED[@]}")"
-    json+=",\"bytes_sent\":$(json_arr "${R_SENT[@]}"),\"bytes_received\":$(json_arr "${R_RECV[@]}")}"
+    json+=",\"bytes_sent\":$(json_arr "${R_SENT[@]}"),\"bytes_received\":$(json_arr "${R_RECV[@]}")"
+    json+=",\"clock_align_bound_ns\":$(json_arr "${R_CLOCK[@]}")}"
     table+=("$(printf '%-5s %-4s %8s %8s %8s %9s %12s  %s' "$n" "$R_OK" "$R_BOOT" "$R_PASS" "$R_EXIT" \
         "$R_UPTIME" "$R_SKEW" "$(human_list "${R_FAULTS[@]}")")")
 done

@@ -17,7 +17,8 @@
 //!   forwarded calls that wait for a dead node, so no vCPU hangs.
 //!
 //! Wire format: one frame per message on channel [`RUNTIME_CHANNEL`], see
-//! [`Message`].
+//! [`Message`] and `RUNTIME.md` next to this file (messages, calls, the clock
+//! exchange, lifecycle).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -350,21 +350,6 @@ fn linux_append(workload: &str) -> String {
 }
 
 /// The summary line of node `id`, with the count of each vCPU it ran.
-/// `(lo, hi, rtt_min)` of the test kernel's `tsc cpu N skew` line.
-fn tsc_skew(console: &str, cpu: u32) -> Option<(i64, i64, i64)> {
-    let prefix = format!("FVTEST: tsc cpu {cpu} skew ");
-    let line = console
-        .lines()
-        .find_map(|l| l.trim_end().strip_prefix(prefix.as_str()))?;
-    let field = |name: &str| -> Option<i64> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name))?
-            .parse()
-            .ok()
-    };
-    Some((field("lo=")?, field("hi=")?, field("rtt_min=")?))
-}
-
 fn summary_counts(r: &NodeResult) -> Vec<(u32, u64)> {
     let prefix = format!("fragvisor: node {} summary:", r.id);
     let line = r
@@ -577,7 +562,8 @@ fn kvm_two_nodes_test_kernel_sipi_ipis_and_remote_port_io() {
     assert!(!console.contains("FVTEST: FAIL"), "{all}");
     // One clock: the TSC skew between vCPU 0 (node 0) and vCPU 1 (node 1),
     // bounded by a ping-pong in the guest, contains 0.
-    let (lo, hi, rtt) = tsc_skew(console, 1).unwrap_or_else(|| panic!("no TSC skew line\n{all}"));
+    let (lo, hi, rtt) = fragvisor_e2e::fvtest_tsc_skew(console, 1)
+        .unwrap_or_else(|| panic!("no TSC skew line\n{all}"));
     assert!(
         lo <= 0 && 0 <= hi,
         "cross-host TSC skew [{lo}, {hi}] excludes 0\n{all}"
@@ -643,7 +629,8 @@ fn tcg_two_nodes_one_clock_and_wide_mmio() {
     );
     // The guest's TSC (1 GHz under TCG) is one clock: the skew between
     // vCPU 0 on node 0 and vCPU 1 on node 1 contains 0, not 50 ms.
-    let (lo, hi, rtt) = tsc_skew(console, 1).unwrap_or_else(|| panic!("no TSC line\n{all}"));
+    let (lo, hi, rtt) =
+        fragvisor_e2e::fvtest_tsc_skew(console, 1).unwrap_or_else(|| panic!("no TSC line\n{all}"));
     assert!(
         lo <= 0 && 0 <= hi,
         "cross-host TSC skew [{lo}, {hi}] ns excludes 0\n{all}"

@@ -535,10 +535,10 @@ pub fn dsm_config(
 /// `FRAGVISOR_DSM_PREFETCH=N` asks for it. A 2-node Linux boot first
 /// livelocked with read-ahead on; the cause was a lost wake-up in the DSM (a
 /// write fault absorbed by an outstanding prefetch, fixed since), and 2- and
-/// 4-node boots pass with `FRAGVISOR_DSM_PREFETCH=64`. It stays off by
-/// default until boots are measured faster with it: a booting kernel spins
-/// next to data that other hosts write, and pages fetched ahead take those
-/// pages away from their writers.
+/// 4-node boots pass with `FRAGVISOR_DSM_PREFETCH=64`, but they are not
+/// faster and take no fewer faults (docs/aggregate-vm.md, "Benchmark"), so
+/// it stays off: a booting kernel spins next to data that other hosts write,
+/// and pages fetched ahead take those pages away from their writers.
 pub fn guest_prefetch_max() -> u32 {
     std::env::var("FRAGVISOR_DSM_PREFETCH")
         .ok()

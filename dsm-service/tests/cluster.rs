@@ -2,7 +2,7 @@
 //! machine, exact results checked. Each test is bounded in time.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -123,10 +123,7 @@ fn cluster_runs_with_one_network_namespace_per_node() {
 // ----- processes started one by one ------------------------------------------
 
 fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap()).collect()
+    dsm_service::transport::free_loopback_addrs(n).unwrap()
 }
 
 struct Cluster {

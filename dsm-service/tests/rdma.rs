@@ -4,7 +4,7 @@
 //! checked by `transport::rdma::tests::rdma_connect_without_device_is_unavailable`.
 #![cfg(feature = "rdma")]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -62,10 +62,7 @@ impl Recorder {
 }
 
 fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let ls: Vec<_> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap()).collect()
+    dsm_service::transport::free_loopback_addrs(n).unwrap()
 }
 
 fn config(id: NodeId, addrs: &[SocketAddr], key: &[u8]) -> ClusterConfig {

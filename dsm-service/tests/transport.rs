@@ -3,7 +3,7 @@
 //! links keep working.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,14 +57,7 @@ fn rogue(addr: SocketAddr, to: NodeId) -> TcpStream {
 
 #[test]
 fn malformed_frames_cut_off_only_the_sender() {
-    let addrs: Vec<SocketAddr> = (0..3)
-        .map(|_| {
-            TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-        })
-        .collect();
+    let addrs: Vec<SocketAddr> = dsm_service::transport::free_loopback_addrs(3).unwrap();
     let sinks: Vec<Arc<Sink>> = (0..2).map(|_| Arc::new(Sink::default())).collect();
     let start = |id: NodeId| {
         let cfg = ClusterConfig::new(9, id, addrs.clone(), KEY.to_vec());

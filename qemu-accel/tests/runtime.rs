@@ -1,7 +1,6 @@
 //! Two hosts' runtimes in one process, over loopback TCP: forwarded I/O,
 //! interrupts, APIC state, EOIs, lifecycle and failure reach the right side.
 
-use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,17 +95,14 @@ fn region(pages: usize) -> u64 {
 type Side = (Arc<Runtime>, Arc<Recorder>);
 
 fn pair() -> (Side, Side) {
-    let listeners: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<PeerAddr> = listeners
+    let addrs = dsm_service::transport::free_loopback_addrs(2).unwrap();
+    let peers: Vec<PeerAddr> = addrs
         .iter()
-        .map(|l| PeerAddr {
-            host: "127.0.0.1".into(),
-            port: l.local_addr().unwrap().port(),
+        .map(|a| PeerAddr {
+            host: a.ip().to_string(),
+            port: a.port(),
         })
         .collect();
-    drop(listeners);
     let start = |id: u32| {
         let cfg = ClusterConfig {
             engine: Engine::Tcg,

@@ -149,3 +149,25 @@ pub trait Transport: Send + Sync {
 
 /// A shared transport.
 pub type SharedTransport = Arc<dyn Transport>;
+
+/// `n` free TCP addresses on a loopback address of its own for a cluster
+/// whose nodes all run on this machine.
+///
+/// A port found free (bound to port 0, then released) may be taken again
+/// before the node binds it, by another local cluster doing the same or as
+/// the source port of an outgoing connection. Each call therefore picks a
+/// random address in 127.0.0.0/8 (all of it is loopback on Linux), so that
+/// clusters started side by side do not share addresses; it falls back to
+/// 127.0.0.1 where that address cannot be bound.
+pub fn free_loopback_addrs(n: usize) -> io::Result<Vec<std::net::SocketAddr>> {
+    use std::net::{Ipv4Addr, TcpListener};
+    let r = handshake::random_nonce();
+    let ip = Ipv4Addr::new(127, r[0], r[1], 1 + r[2] % 254);
+    let bind_all = |ip: Ipv4Addr| -> io::Result<Vec<std::net::SocketAddr>> {
+        let ls: Vec<TcpListener> = (0..n)
+            .map(|_| TcpListener::bind((ip, 0)))
+            .collect::<io::Result<_>>()?;
+        ls.iter().map(TcpListener::local_addr).collect()
+    };
+    bind_all(ip).or_else(|_| bind_all(Ipv4Addr::LOCALHOST))
+}

@@ -16,7 +16,6 @@ pub mod spec;
 pub mod supervise;
 
 use std::ffi::OsString;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -279,17 +278,18 @@ pub fn resolve_qemu(given: Option<&Path>) -> Result<PathBuf, LaunchError> {
     Ok(path)
 }
 
-/// `count` free TCP ports on 127.0.0.1 (bound together so they differ).
-fn free_loopback_ports(count: u32) -> Result<Vec<u16>, LaunchError> {
-    let listeners = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| LaunchError::Runtime(format!("cannot find a free loopback port: {e}")))?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| LaunchError::Runtime(e.to_string()))
+/// `count` free TCP addresses on a loopback address of this VM's own, so
+/// that VMs launched side by side cannot take each other's ports.
+fn free_loopback_addrs(count: u32) -> Result<Vec<PeerAddr>, LaunchError> {
+    let addrs = dsm_service::transport::free_loopback_addrs(count as usize)
+        .map_err(|e| LaunchError::Runtime(format!("cannot find free loopback ports: {e}")))?;
+    Ok(addrs
+        .into_iter()
+        .map(|a| PeerAddr {
+            host: a.ip().to_string(),
+            port: a.port(),
+        })
+        .collect())
 }
 
 fn loopback_hosts(spec: &VmSpec) -> Vec<String> {
@@ -341,28 +341,24 @@ fn run_cmd(spec: VmSpec) -> Result<ExitCode, LaunchError> {
                 .map(|host| PeerAddr { host, port })
                 .collect()
         }
-        NetMode::Loopback => {
-            let ports: Vec<u16> = match spec.port {
-                Some(base) => (0..spec.nodes)
-                    .map(|k| {
-                        u16::try_from(u32::from(base) + k).map_err(|_| {
+        NetMode::Loopback => match spec.port {
+            Some(base) => (0..spec.nodes)
+                .map(|k| {
+                    u16::try_from(u32::from(base) + k)
+                        .map(|port| PeerAddr {
+                            host: "127.0.0.1".into(),
+                            port,
+                        })
+                        .map_err(|_| {
                             LaunchError::Usage(format!(
                                 "port={base}: {} consecutive ports do not fit below 65536",
                                 spec.nodes
                             ))
                         })
-                    })
-                    .collect::<Result<_, _>>()?,
-                None => free_loopback_ports(spec.nodes)?,
-            };
-            ports
-                .into_iter()
-                .map(|port| PeerAddr {
-                    host: "127.0.0.1".into(),
-                    port,
                 })
-                .collect()
-        }
+                .collect::<Result<_, _>>()?,
+            None => free_loopback_addrs(spec.nodes)?,
+        },
     };
     let addrs = ClusterAddrs {
         peers: if spec.nodes > 1 {

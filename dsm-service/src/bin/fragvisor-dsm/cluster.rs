@@ -3,7 +3,7 @@
 //! bridge), and a check of the combined result.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -43,16 +43,11 @@ pub struct RunArgs {
     timeout_s: u64,
 }
 
-/// Free loopback addresses, one per node.
+/// Free loopback addresses, one per node, on an address of this cluster's
+/// own ([`dsm_service::transport::free_loopback_addrs`]).
 pub fn free_loopback_addrs(n: u16) -> Result<Vec<SocketAddr>, String> {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| {
-            TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}"))
-        })
-        .collect::<Result<_, _>>()?;
-    ls.iter()
-        .map(|l| l.local_addr().map_err(|e| e.to_string()))
-        .collect()
+    dsm_service::transport::free_loopback_addrs(usize::from(n))
+        .map_err(|e| format!("cannot find free loopback ports: {e}"))
 }
 
 /// Writes a fresh random cluster key to a private temporary file.

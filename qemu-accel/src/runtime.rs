@@ -349,6 +349,14 @@ impl Message {
         b
     }
 
+    /// The request number a reply answers (`None` for other messages).
+    pub fn reply_seq(&self) -> Option<u32> {
+        match self {
+            Message::IoReply { seq, .. } | Message::ClockPong { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
     /// Parses one message.
     pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         let mut r = Rd(buf);
@@ -635,10 +643,7 @@ impl Runtime {
                     }
                 }
                 Ok(m @ (Message::IoReply { .. } | Message::ClockPong { .. })) => {
-                    let seq = match m {
-                        Message::IoReply { seq, .. } | Message::ClockPong { seq, .. } => seq,
-                        _ => unreachable!("matched above"),
-                    };
+                    let seq = m.reply_seq().expect("a reply");
                     let mut s = calls.slots.lock().expect("lock");
                     if let Some(slot) = s.get_mut(&seq) {
                         *slot = Slot::Done(m);
@@ -677,9 +682,8 @@ impl Runtime {
         let mut samples = Vec::with_capacity(SYNC_SAMPLES);
         let mut base = None;
         for _ in 0..SYNC_SAMPLES {
-            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
             let sent = ClockReading::now();
-            let reply = self.call(0, seq, &Message::ClockPing { seq })?;
+            let reply = self.call(0, |seq| Message::ClockPing { seq })?;
             let received = ClockReading::now();
             let Message::ClockPong { now, base: b, .. } = reply else {
                 return Err(RuntimeError::Clock(format!(
@@ -701,12 +705,18 @@ impl Runtime {
         self.clock.get().copied().unwrap_or_default()
     }
 
-    /// Sends `msg` (a request numbered `seq`) to `to` and waits for the reply
-    /// with the same number, or for `to`'s failure.
-    fn call(&self, to: NodeId, seq: u32, msg: &Message) -> Result<Message, RuntimeError> {
+    /// Sends the request `request(seq)` (numbered by this node) to `to` and
+    /// waits for the reply with the same number, or for `to`'s failure.
+    fn call(
+        &self,
+        to: NodeId,
+        request: impl FnOnce(u32) -> Message,
+    ) -> Result<Message, RuntimeError> {
         if self.stopping.load(Ordering::Acquire) {
             return Err(RuntimeError::Stopping);
         }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let msg = request(seq);
         self.calls
             .slots
             .lock()
@@ -751,18 +761,17 @@ impl Runtime {
         if let Some(c) = self.counts.get(access.cpu as usize) {
             c.forwarded.fetch_add(1, Ordering::Relaxed);
         }
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let payload = if access.is_write {
             data[..access.len()].to_vec()
         } else {
             Vec::new()
         };
-        let msg = Message::IoRequest {
+        let request = |seq| Message::IoRequest {
             seq,
             access: *access,
             data: payload,
         };
-        match self.call(0, seq, &msg)? {
+        match self.call(0, request)? {
             Message::IoReply {
                 result,
                 data: reply,

@@ -219,13 +219,9 @@ pub unsafe extern "C" fn fv_config_finish(
             .builder
             .build(engine.into())
             .map_err(|e| e.to_string())?;
-        let placement = VcpuPlacement::new(config.nodes, vcpus, &config.vcpu_map).map_err(|e| {
-            if config.vcpu_map.is_empty() {
-                e.to_string()
-            } else {
-                format!("vcpu-map: {e}")
-            }
-        })?;
+        // The map's errors name `vcpu-map` themselves.
+        let placement =
+            VcpuPlacement::new(config.nodes, vcpus, &config.vcpu_map).map_err(|e| e.to_string())?;
         tracing::info!(
             node_id = config.node_id,
             nodes = config.nodes,

@@ -28,27 +28,35 @@ pub enum PlacementError {
     /// No vCPUs at all.
     #[error("the machine has no vCPUs")]
     NoVcpus,
-    /// The NUMA map gives a node count different from the vCPU count.
-    #[error("NUMA map covers {given} vCPUs but the machine has {vcpus}")]
+    /// The map gives a node count different from the vCPU count.
+    #[error("vcpu-map lists {given} vCPU(s) but smp={vcpus}: give the node of every vCPU")]
     NumaMapLength {
         /// Entries in the map.
         given: usize,
         /// vCPUs in the machine.
         vcpus: u32,
     },
-    /// The NUMA map puts vCPU 0 away from the origin.
-    #[error("vCPU 0 (the boot CPU) is in guest NUMA node {numa_node}, which maps to node {node}; it must run on the origin (node 0)")]
+    /// The map puts vCPU 0 away from the origin.
+    #[error("vcpu-map: vCPU 0 (the boot CPU) is placed on node {node}; it must run on the origin, node 0")]
     BootCpuNotOnOrigin {
         /// Guest NUMA node of vCPU 0.
         numa_node: u32,
         /// Host node it would run on.
         node: u32,
     },
-    /// The NUMA map leaves a node without vCPUs.
-    #[error(
-        "node {0} runs no vCPU with this NUMA layout: give every host a guest NUMA node with CPUs"
-    )]
+    /// The map leaves a node without vCPUs.
+    #[error("vcpu-map: node {0} runs no vCPU; every node must run at least one")]
     IdleNode(u32),
+    /// An explicit map names a node outside the cluster.
+    #[error("vcpu-map: vCPU {vcpu} is placed on node {node}, but nodes={nodes}")]
+    MapNode {
+        /// vCPU index.
+        vcpu: usize,
+        /// The node it names.
+        node: u32,
+        /// Nodes in the cluster.
+        nodes: u32,
+    },
 }
 
 /// The node that runs each vCPU, indexed by vCPU (`cpu_index`).
@@ -86,18 +94,23 @@ impl VcpuPlacement {
         Ok(VcpuPlacement { nodes, owners })
     }
 
-    /// Build from an optional NUMA map of `vcpus` entries (empty: no NUMA).
-    pub fn new(nodes: u32, vcpus: u32, numa_nodes: &[u32]) -> Result<Self, PlacementError> {
-        if numa_nodes.is_empty() {
+    /// Build from an optional explicit map (`vcpu-map`): `map[i]` is the
+    /// node that runs vCPU `i`; empty for contiguous blocks. Every entry must
+    /// name a node of the cluster.
+    pub fn new(nodes: u32, vcpus: u32, map: &[u32]) -> Result<Self, PlacementError> {
+        if map.is_empty() {
             return Self::contiguous(nodes, vcpus);
         }
-        if numa_nodes.len() != vcpus as usize {
+        if let Some((vcpu, &node)) = map.iter().enumerate().find(|(_, &n)| n >= nodes) {
+            return Err(PlacementError::MapNode { vcpu, node, nodes });
+        }
+        if map.len() != vcpus as usize {
             return Err(PlacementError::NumaMapLength {
-                given: numa_nodes.len(),
+                given: map.len(),
                 vcpus,
             });
         }
-        Self::from_numa(nodes, numa_nodes)
+        Self::from_numa(nodes, map)
     }
 
     fn check_counts(nodes: u32, vcpus: u32) -> Result<(), PlacementError> {
@@ -204,6 +217,19 @@ mod tests {
     fn numa_idle_node_is_refused() {
         let err = VcpuPlacement::new(2, 2, &[0, 0]).unwrap_err();
         assert_eq!(err, PlacementError::IdleNode(1));
+    }
+
+    #[test]
+    fn map_node_outside_the_cluster_is_refused() {
+        let err = VcpuPlacement::new(2, 3, &[0, 1, 2]).unwrap_err();
+        assert_eq!(
+            err,
+            PlacementError::MapNode {
+                vcpu: 2,
+                node: 2,
+                nodes: 2
+            }
+        );
     }
 
     #[test]

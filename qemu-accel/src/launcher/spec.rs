@@ -256,35 +256,6 @@ pub struct VmSpec {
     pub timeout: Option<Duration>,
 }
 
-/// `vcpu-map`: one entry per vCPU, each a node of the cluster, vCPU 0 on
-/// the origin, every node running at least one vCPU.
-fn check_vcpu_map(map: &[u32], nodes: u32, smp: u32) -> Result<(), LaunchError> {
-    let usage = |m: String| Err(LaunchError::Usage(m));
-    if map.len() != smp as usize {
-        return usage(format!(
-            "vcpu-map lists {} vCPU(s) but smp={smp}: give the node of every vCPU",
-            map.len()
-        ));
-    }
-    if let Some((cpu, node)) = map.iter().enumerate().find(|(_, &n)| n >= nodes) {
-        return usage(format!(
-            "vcpu-map: vCPU {cpu} is placed on node {node}, but nodes={nodes}"
-        ));
-    }
-    if map[0] != 0 {
-        return usage(format!(
-            "vcpu-map: vCPU 0 (the boot CPU) is placed on node {}; it must run on the origin, node 0",
-            map[0]
-        ));
-    }
-    if let Some(idle) = (0..nodes).find(|n| !map.contains(n)) {
-        return usage(format!(
-            "vcpu-map: node {idle} runs no vCPU; every node must run at least one"
-        ));
-    }
-    Ok(())
-}
-
 fn seconds(name: &str, v: f64) -> Result<Duration, LaunchError> {
     Duration::try_from_secs_f64(v)
         .ok()
@@ -370,7 +341,8 @@ impl VmSpec {
         }
         let vcpu_map = flags.vcpu_map.or(file.vcpu_map);
         if let Some(map) = &vcpu_map {
-            check_vcpu_map(map, nodes, smp)?;
+            // The accelerator's own check, so both refuse alike.
+            VcpuPlacement::new(nodes, smp, map).map_err(|e| LaunchError::Usage(e.to_string()))?;
         }
         Ok(VmSpec {
             nodes,
@@ -401,10 +373,11 @@ impl VmSpec {
 
     /// Which node runs each vCPU: `vcpu-map`, else contiguous blocks.
     pub fn placement(&self) -> Result<VcpuPlacement, LaunchError> {
-        match &self.vcpu_map {
-            Some(map) => VcpuPlacement::from_numa(self.nodes, map),
-            None => VcpuPlacement::contiguous(self.nodes, self.smp),
-        }
+        VcpuPlacement::new(
+            self.nodes,
+            self.smp,
+            self.vcpu_map.as_deref().unwrap_or(&[]),
+        )
         .map_err(|e| LaunchError::Usage(format!("vcpu placement: {e}")))
     }
 

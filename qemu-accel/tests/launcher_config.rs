@@ -311,8 +311,9 @@ fn binary_bad_input_exits_2() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn binary_print() {
+/// `fragvisor print` for a 2-host TCG VM with 4 vCPUs, plus `extra`; its
+/// stdout (the run must succeed).
+fn fragvisor_print(extra: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_fragvisor"))
         .args([
             "print",
@@ -322,15 +323,23 @@ fn binary_print() {
             "4",
             "--hosts",
             "h0,h1",
-            "--port",
-            "7600",
             "--qemu",
             "/opt/q",
         ])
+        .args(extra)
         .output()
         .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn binary_print() {
+    let text = fragvisor_print(&["--port", "7600"]);
     let cmds: Vec<&str> = text.lines().filter(|l| l.starts_with("/opt/q ")).collect();
     assert_eq!(cmds.len(), 2, "{text}");
     assert!(cmds[1].contains("node-id=1,peers=h0:7600;h1:7600,key-file=/etc/fragvisor/cluster.key"));
@@ -378,28 +387,7 @@ fn vcpu_map_from_file_and_flag() {
 
 #[test]
 fn binary_print_with_vcpu_map() {
-    let out = Command::new(env!("CARGO_BIN_EXE_fragvisor"))
-        .args([
-            "print",
-            "--engine",
-            "fragvisor-tcg",
-            "--smp",
-            "4",
-            "--hosts",
-            "h0,h1",
-            "--qemu",
-            "/opt/q",
-            "--vcpu-map",
-            "0,1,0,1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = fragvisor_print(&["--vcpu-map", "0,1,0,1"]);
     assert!(text.contains("vcpu-map=0;1;0;1"), "{text}");
     assert!(text.contains("cpus=0,cpus=2"), "{text}");
 }

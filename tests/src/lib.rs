@@ -72,6 +72,12 @@ pub fn test_kernel(scratch: &Path) -> PathBuf {
     if let Some(path) = std::env::var_os("FRAGVISOR_TESTKERNEL") {
         return PathBuf::from(path);
     }
+    // Tests of one binary run in parallel and share this directory: one
+    // `make` at a time, or one links an object another is still writing.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_build = BUILD
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let out_dir = scratch.join("fvtest");
     let status = Command::new("make")
         .arg("-s")

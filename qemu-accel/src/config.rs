@@ -19,6 +19,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::placement::{PlacementError, VcpuPlacement};
+
 /// Smallest accepted pre-shared key, in bytes.
 pub const MIN_KEY_LEN: usize = 16;
 
@@ -163,15 +165,8 @@ pub enum ConfigError {
     #[error("peer-timeout-ms=0: the peer timeout must be at least 1 ms")]
     ZeroPeerTimeout,
     /// A `vcpu-map` entry naming a node outside the cluster.
-    #[error("vcpu-map: vCPU {vcpu} is placed on node {node}, but nodes={nodes}")]
-    VcpuMapNode {
-        /// The vCPU.
-        vcpu: usize,
-        /// The node named.
-        node: u32,
-        /// The cluster size.
-        nodes: u32,
-    },
+    #[error(transparent)]
+    VcpuMap(#[from] PlacementError),
     /// An option value containing a NUL byte or invalid UTF-8 (C callers).
     #[error("{0}: value is not valid UTF-8 text")]
     BadText(String),
@@ -447,9 +442,7 @@ impl ConfigBuilder {
         };
 
         let vcpu_map = self.vcpu_map.clone().unwrap_or_default();
-        if let Some((vcpu, &node)) = vcpu_map.iter().enumerate().find(|(_, &n)| n >= nodes) {
-            return Err(ConfigError::VcpuMapNode { vcpu, node, nodes });
-        }
+        VcpuPlacement::check_map_nodes(nodes, &vcpu_map)?;
 
         Ok(ClusterConfig {
             engine,

@@ -101,9 +101,7 @@ impl VcpuPlacement {
         if map.is_empty() {
             return Self::contiguous(nodes, vcpus);
         }
-        if let Some((vcpu, &node)) = map.iter().enumerate().find(|(_, &n)| n >= nodes) {
-            return Err(PlacementError::MapNode { vcpu, node, nodes });
-        }
+        Self::check_map_nodes(nodes, map)?;
         if map.len() != vcpus as usize {
             return Err(PlacementError::NumaMapLength {
                 given: map.len(),
@@ -111,6 +109,16 @@ impl VcpuPlacement {
             });
         }
         Self::from_numa(nodes, map)
+    }
+
+    /// Every entry of `map` names a node of an `nodes`-node cluster: the
+    /// part of the check that needs no vCPU count, so option parsing can
+    /// make it before `-smp` is known.
+    pub fn check_map_nodes(nodes: u32, map: &[u32]) -> Result<(), PlacementError> {
+        match map.iter().enumerate().find(|(_, &n)| n >= nodes) {
+            Some((vcpu, &node)) => Err(PlacementError::MapNode { vcpu, node, nodes }),
+            None => Ok(()),
+        }
     }
 
     fn check_counts(nodes: u32, vcpus: u32) -> Result<(), PlacementError> {

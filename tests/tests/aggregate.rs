@@ -114,6 +114,38 @@ struct ClusterSpec {
 }
 
 impl ClusterSpec {
+    /// The Debian guest under `fragvisor-tcg`, `-smp 4`, 512 MiB, its
+    /// command line ending in `workload` (e.g. `fv.workload=all`); the
+    /// guest's power-off ends it.
+    fn linux(nodes: usize, workload: &str) -> ClusterSpec {
+        ClusterSpec {
+            engine: "fragvisor-tcg",
+            nodes,
+            smp: 4,
+            mem_mib: 512,
+            guest: Guest::Linux(linux_append(workload)),
+            no_reboot: true,
+            vcpu_map: None,
+            extra_args: Vec::new(),
+            last_node_clock_skew_ns: 0,
+        }
+    }
+
+    /// The tiny test kernel under `engine`, one vCPU per node, 128 MiB.
+    fn test_kernel(engine: &'static str, nodes: usize) -> ClusterSpec {
+        ClusterSpec {
+            engine,
+            nodes,
+            smp: nodes,
+            mem_mib: 128,
+            guest: Guest::TestKernel(String::new()),
+            no_reboot: true,
+            vcpu_map: None,
+            extra_args: Vec::new(),
+            last_node_clock_skew_ns: 0,
+        }
+    }
+
     /// The host that runs `cpu`.
     fn host_of(&self, cpu: usize) -> usize {
         match &self.vcpu_map {
@@ -378,15 +410,8 @@ fn summary_counts(r: &NodeResult) -> Vec<(u32, u64)> {
 fn linux_cluster_runs_workloads(nodes: usize, vcpu_map: Option<Vec<usize>>) {
     let _one = serialize();
     let spec = ClusterSpec {
-        engine: "fragvisor-tcg",
-        nodes,
-        smp: 4,
-        mem_mib: 512,
-        guest: Guest::Linux(linux_append("fv.workload=all")),
-        no_reboot: true,
         vcpu_map,
-        extra_args: Vec::new(),
-        last_node_clock_skew_ns: 0,
+        ..ClusterSpec::linux(nodes, "fv.workload=all")
     };
     let results = Cluster::start(&spec).finish(Duration::from_secs(420));
     let all = transcript(&results);
@@ -449,15 +474,8 @@ fn tcg_two_nodes_explicit_vcpu_map() {
 fn tcg_two_nodes_reboot_boots_again() {
     let _one = serialize();
     let spec = ClusterSpec {
-        engine: "fragvisor-tcg",
-        nodes: 2,
-        smp: 4,
-        mem_mib: 512,
-        guest: Guest::Linux(linux_append("fv.workload=reboot")),
         no_reboot: false,
-        vcpu_map: None,
-        extra_args: Vec::new(),
-        last_node_clock_skew_ns: 0,
+        ..ClusterSpec::linux(2, "fv.workload=reboot")
     };
     let results = Cluster::start(&spec).finish(Duration::from_secs(420));
     let all = transcript(&results);
@@ -487,17 +505,7 @@ fn tcg_two_nodes_reboot_boots_again() {
 #[test]
 fn tcg_killed_node_stops_the_origin_naming_it() {
     let _one = serialize();
-    let spec = ClusterSpec {
-        engine: "fragvisor-tcg",
-        nodes: 2,
-        smp: 4,
-        mem_mib: 512,
-        guest: Guest::Linux(linux_append("fv.workload=counter fv.iters=1000000000")),
-        no_reboot: true,
-        vcpu_map: None,
-        extra_args: Vec::new(),
-        last_node_clock_skew_ns: 0,
-    };
+    let spec = ClusterSpec::linux(2, "fv.workload=counter fv.iters=1000000000");
     let mut cluster = Cluster::start(&spec);
     let started = cluster.wait_origin_line("FV: workload counter start", Duration::from_secs(300));
     if !started {
@@ -529,17 +537,7 @@ fn tcg_killed_node_stops_the_origin_naming_it() {
 #[test]
 fn kvm_two_nodes_test_kernel_sipi_ipis_and_remote_port_io() {
     let _one = serialize();
-    let spec = ClusterSpec {
-        engine: "fragvisor",
-        nodes: 2,
-        smp: 2,
-        mem_mib: 128,
-        guest: Guest::TestKernel(String::new()),
-        no_reboot: true,
-        vcpu_map: None,
-        extra_args: Vec::new(),
-        last_node_clock_skew_ns: 0,
-    };
+    let spec = ClusterSpec::test_kernel("fragvisor", 2);
     let results = Cluster::start(&spec).finish(Duration::from_secs(240));
     let all = transcript(&results);
     // isa-debug-exit: (0x10 << 1) | 1 = 33 is PASS; the VM's exit status
@@ -592,15 +590,9 @@ fn tcg_two_nodes_one_clock_and_wide_mmio() {
     let _one = serialize();
     let skew_ns: i64 = 50_000_000;
     let spec = ClusterSpec {
-        engine: "fragvisor-tcg",
-        nodes: 2,
-        smp: 2,
-        mem_mib: 128,
-        guest: Guest::TestKernel(String::new()),
-        no_reboot: true,
-        vcpu_map: None,
         extra_args: vec!["-device".into(), "edu".into()],
         last_node_clock_skew_ns: skew_ns,
+        ..ClusterSpec::test_kernel("fragvisor-tcg", 2)
     };
     let results = Cluster::start(&spec).finish(Duration::from_secs(240));
     let all = transcript(&results);

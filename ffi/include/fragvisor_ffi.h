@@ -386,9 +386,20 @@ int32_t fv_runtime_clock(const FvRuntime *rt, FvClock *out);
 
 /*
  This host's `CLOCK_MONOTONIC` in ns, the clock `FvClock::mono_offset_ns`
- applies to (the TCG engine's guest TSC is this plus that offset).
+ applies to (the TCG engine's guest TSC started as this plus that offset;
+ `fv_runtime_guest_ns` is the steered one).
  */
 uint64_t fv_clock_mono_ns(void);
+
+/*
+ The guest clock now: ns since the cluster started, on the origin's
+ monotonic clock as this host steers towards it against drift (the TCG
+ engine's 1 GHz guest TSC). 0 for a NULL `rt`.
+
+ # Safety
+ `rt` NULL or live.
+ */
+uint64_t fv_runtime_guest_ns(const FvRuntime *rt);
 
 /*
  One log line on how this host's clocks were aligned to the origin's.

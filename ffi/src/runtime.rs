@@ -484,10 +484,26 @@ pub unsafe extern "C" fn fv_runtime_clock(rt: *const FvRuntime, out: *mut FvCloc
 }
 
 /// This host's `CLOCK_MONOTONIC` in ns, the clock `FvClock::mono_offset_ns`
-/// applies to (the TCG engine's guest TSC is this plus that offset).
+/// applies to (the TCG engine's guest TSC started as this plus that offset;
+/// `fv_runtime_guest_ns` is the steered one).
 #[no_mangle]
 pub extern "C" fn fv_clock_mono_ns() -> u64 {
     qemu_accel::clock::mono_ns()
+}
+
+/// The guest clock now: ns since the cluster started, on the origin's
+/// monotonic clock as this host steers towards it against drift (the TCG
+/// engine's 1 GHz guest TSC). 0 for a NULL `rt`.
+///
+/// # Safety
+/// `rt` NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn fv_runtime_guest_ns(rt: *const FvRuntime) -> u64 {
+    // SAFETY: per the contract.
+    match unsafe { rt.as_ref() } {
+        Some(rt) => rt.rt.guest_ns(),
+        None => 0,
+    }
 }
 
 /// One log line on how this host's clocks were aligned to the origin's.

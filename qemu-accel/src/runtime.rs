@@ -33,7 +33,10 @@ use dsm_service::{error_chain, DsmEvent, DsmNode, NodeId};
 use thiserror::Error;
 use tracing::{debug, warn};
 
-use crate::clock::{ClockReading, ClockSync, SyncSample, SYNC_SAMPLES};
+use crate::clock::{
+    ClockReading, ClockSync, MonoEstimate, SharedSteer, Steer, Steering, SyncSample, RESYNC_PERIOD,
+    RESYNC_SAMPLES, SYNC_SAMPLES,
+};
 use crate::config::ClusterConfig;
 use crate::placement::VcpuPlacement;
 
@@ -483,6 +486,10 @@ pub struct Runtime {
     base: ClockReading,
     /// How this host's clocks map to the guest clock (set during start).
     clock: OnceLock<ClockSync>,
+    /// The TCG guest clock, steered against drift (`fv-clock` thread).
+    steer: SharedSteer,
+    /// Clock exchanges since the start that steered it.
+    resyncs: AtomicU64,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -590,6 +597,8 @@ impl Runtime {
             counts: (0..vcpus).map(|_| VcpuCounts::default()).collect(),
             base: ClockReading::now(),
             clock: OnceLock::new(),
+            steer: SharedSteer::default(),
+            resyncs: AtomicU64::new(0),
         });
         let (app_tx, app_rx) = mpsc::channel::<AppJob>();
         let (exec_tx, exec_rx) = mpsc::channel::<IoJob>();
@@ -667,21 +676,30 @@ impl Runtime {
         // Everyone has its handler installed before anyone forwards.
         node.barrier()
             .map_err(|e| RuntimeError::Dsm(error_chain(&e)))?;
-        let clock = if me == 0 {
-            ClockSync::origin(rt.base)
+        if me == 0 {
+            let clock = ClockSync::origin(rt.base);
+            rt.steer.update(|_| Steer::fixed(clock.mono.offset));
+            rt.clock.set(clock).expect("clock set once");
         } else {
-            rt.sync_clock()?
-        };
-        rt.clock.set(clock).expect("clock set once");
+            let (samples, base) = rt.clock_samples(SYNC_SAMPLES)?;
+            let clock = ClockSync::estimate(&samples, base)?;
+            rt.steer.update(|_| Steer::fixed(clock.mono.offset));
+            rt.clock.set(clock).expect("clock set once");
+            let first = MonoEstimate::best(&samples)?;
+            let rt2 = rt.clone();
+            std::thread::Builder::new()
+                .name("fv-clock".into())
+                .spawn(move || rt2.steer_clock(clock, first))
+                .map_err(|e| RuntimeError::Clock(e.to_string()))?;
+        }
         Ok(rt)
     }
 
-    /// Estimates this node's clocks against the origin's
-    /// ([`crate::clock`]).
-    fn sync_clock(&self) -> Result<ClockSync, RuntimeError> {
-        let mut samples = Vec::with_capacity(SYNC_SAMPLES);
-        let mut base = None;
-        for _ in 0..SYNC_SAMPLES {
+    /// `n` clock exchanges with the origin, and the origin's base reading.
+    fn clock_samples(&self, n: usize) -> Result<(Vec<SyncSample>, ClockReading), RuntimeError> {
+        let mut samples = Vec::with_capacity(n);
+        let mut base = ClockReading::default();
+        for _ in 0..n {
             let sent = ClockReading::now();
             let reply = self.call(0, |seq| Message::ClockPing { seq })?;
             let received = ClockReading::now();
@@ -690,14 +708,71 @@ impl Runtime {
                     "node 0 answered a clock ping with {reply:?}"
                 )));
             };
-            base = Some(b);
+            base = b;
             samples.push(SyncSample {
                 sent,
                 origin: now,
                 received,
             });
         }
-        ClockSync::estimate(&samples, base.unwrap_or_default())
+        Ok((samples, base))
+    }
+
+    /// The `fv-clock` thread of a non-origin node: every [`RESYNC_PERIOD`]
+    /// a few exchanges with the origin; the best one, if its round trip is
+    /// short enough to trust, updates the drift rate and retargets the
+    /// guest clock ([`crate::clock`]). Ends when the runtime stops.
+    fn steer_clock(&self, initial: ClockSync, first: MonoEstimate) {
+        let mut steering = Steering::new(&initial, first);
+        while self.sleep_unless_stopping(RESYNC_PERIOD) {
+            let est = match self
+                .clock_samples(RESYNC_SAMPLES)
+                .and_then(|(samples, _)| MonoEstimate::best(&samples))
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    debug!(error = %e, "clock exchange failed");
+                    continue;
+                }
+            };
+            let now = crate::clock::mono_ns();
+            let mut steered = false;
+            self.steer
+                .update(|current| match steering.step(est, now, current) {
+                    Some(next) => {
+                        steered = true;
+                        next
+                    }
+                    None => current,
+                });
+            if steered {
+                self.resyncs.fetch_add(1, Ordering::Relaxed);
+            } else {
+                debug!(bound = est.bound, "clock exchange too slow to use");
+            }
+        }
+    }
+
+    /// Sleeps `period` in short steps; false once the runtime is stopping.
+    fn sleep_unless_stopping(&self, period: Duration) -> bool {
+        let step = Duration::from_millis(50);
+        let mut left = period;
+        while !left.is_zero() {
+            if self.stopping.load(Ordering::Acquire) {
+                return false;
+            }
+            let d = left.min(step);
+            std::thread::sleep(d);
+            left -= d;
+        }
+        !self.stopping.load(Ordering::Acquire)
+    }
+
+    /// The guest clock now, in ns since the cluster started (the TCG
+    /// engine's 1 GHz guest TSC): the origin's monotonic clock, as this
+    /// host steers towards it.
+    pub fn guest_ns(&self) -> u64 {
+        self.steer.guest_now()
     }
 
     /// How this host's clocks map to the guest clock.
@@ -840,13 +915,15 @@ impl Runtime {
             })
             .collect();
         format!(
-            "fragvisor: node {me} summary: vcpus=[{}] dsm_faults={} dsm_served={} bytes_sent={} bytes_received={} clock_bound_ns={}",
+            "fragvisor: node {me} summary: vcpus=[{}] dsm_faults={} dsm_served={} bytes_sent={} bytes_received={} clock_bound_ns={} clock_resyncs={} clock_rate_ppb={}",
             vcpus.join(","),
             s.faults(),
             s.served,
             s.bytes_sent,
             s.bytes_received,
-            self.clock().mono.bound
+            self.clock().mono.bound,
+            self.resyncs.load(Ordering::Relaxed),
+            self.steer.load().rate_ppb
         )
     }
 

@@ -255,6 +255,25 @@ fn clocks_are_aligned_to_the_origin() {
     assert!(t0.abs_diff(c1.tsc.guest(now.tsc)) <= c1.tsc.bound);
     // The guest clock started at the origin's join: small, not host uptime.
     assert!(g0 < 60_000_000_000, "{g0}");
+    // Node 1 keeps measuring and steering; its guest clock stays on the
+    // origin's (one host clock here, so only estimation noise is left).
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let before = r0.guest_ns();
+    let g1 = r1.guest_ns();
+    let after = r0.guest_ns();
+    let slack = 200_000;
+    assert!(
+        before.saturating_sub(slack) <= g1 && g1 <= after + slack,
+        "node 1 reads {g1} between the origin's {before} and {after}"
+    );
+    let summary = r1.summary(&|_| 0);
+    let resyncs: u64 = summary
+        .split("clock_resyncs=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no clock_resyncs in {summary}"));
+    assert!(resyncs >= 1, "{summary}");
     r1.shutdown();
     r0.shutdown();
 }

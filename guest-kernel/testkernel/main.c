@@ -17,7 +17,9 @@
  * ipis=N (IPIs each way per AP, default 8), iters=N (lock xadd per vCPU, default
  * 20000), memkb=N (private region per vCPU, default 64), aptoap=0 (skip AP->AP IPIs),
  * extipi=0 (skip logical/lowest-priority/broadcast IPIs and NMIs), tsc=N (TSC ping-pong
- * rounds between the BSP and each AP, default 16; 0 skips the skew measurement), mmio16=0
+ * rounds between the BSP and each AP, default 16; 0 skips the skew measurement), tsclater=S
+ * (after the memory phase, wait S * 10^9 TSC cycles -- S seconds under fragvisor-tcg's 1 GHz
+ * TSC -- and measure the skew again, printed as "tsc later cpu N skew ..."), mmio16=0
  * (skip the 16-byte MMIO check that runs when QEMU's "edu" PCI device is present).
  *
  * Keep the code boring: it must run through KVM's instruction emulator.
@@ -118,7 +120,7 @@ static struct {
 } tscbox __attribute__((aligned(4096)));
 
 static uint32_t opt_cpus, opt_ipis = 8, opt_iters = 20000, opt_memkb = 64, opt_aptoap = 1, opt_extipi = 1,
-                opt_tsc = 16, opt_mmio16 = 1;
+                opt_tsc = 16, opt_tsclater, opt_mmio16 = 1;
 static uint32_t pm1a_cnt, slp_typ_s5;
 
 enum { CMD_NONE, CMD_SEND_TO_BSP, CMD_MEMTEST, CMD_SEND_TO_AP, CMD_HALT, CMD_TSC, CMD_MMIO16 };
@@ -684,7 +686,7 @@ static int32_t clamp32(int64_t v) { return v > 0x7fffffff ? 0x7fffffff : v < -0x
  * skew (AP minus BSP) lies in [t1 - t2, t1 - t0]; the intersection over all
  * rounds is printed (clamped to 32 bits). With one clock it holds 0.
  */
-static void tsc_skew(uint32_t idx)
+static void tsc_skew(const char *label, uint32_t idx)
 {
     int64_t lo = -0x7fffffffffffffffll, hi = 0x7fffffffffffffffll;
     uint64_t rtt_min = ~0ull;
@@ -707,8 +709,8 @@ static void tsc_skew(uint32_t idx)
     }
     if (!ap_wait(idx))
         fail("timeout: TSC phase on AP", idx, 0);
-    say("tsc cpu %u skew lo=%d hi=%d cycles rtt_min=%d rounds=%u", idx, clamp32(lo), clamp32(hi),
-        clamp32((int64_t)rtt_min), opt_tsc);
+    say("%s cpu %u skew lo=%d hi=%d cycles rtt_min=%d rounds=%u", label, idx, clamp32(lo),
+        clamp32(hi), clamp32((int64_t)rtt_min), opt_tsc);
 }
 
 /* The memory phase moves pages between hosts on a FragVisor cluster: allow 8x longer. */
@@ -765,6 +767,7 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
     opt_aptoap = parse_opt(cl, "aptoap", opt_aptoap);
     opt_extipi = parse_opt(cl, "extipi", opt_extipi);
     opt_tsc = parse_opt(cl, "tsc", opt_tsc);
+    opt_tsclater = parse_opt(cl, "tsclater", opt_tsclater);
     opt_mmio16 = parse_opt(cl, "mmio16", opt_mmio16);
     if (opt_memkb == 0)
         opt_memkb = 4;
@@ -894,7 +897,7 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
     /* One clock: the TSC skew between the BSP and each AP. */
     if (opt_tsc)
         for (uint32_t i = 1; i < n; i++)
-            tsc_skew(i);
+            tsc_skew("tsc", i);
 
     /*
      * 16-byte MMIO from the last AP (on a cluster, the one furthest from the
@@ -931,6 +934,13 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
             fail("memory region check failed from the BSP", i, region_base(i));
         say("mem cpu %u ok region=%x kb=%u", i, region_base(i), opt_memkb);
     }
+    /* The skew again, after a while: clocks that drift apart show here. */
+    if (opt_tsc && opt_tsclater) {
+        delay_cycles((uint64_t)opt_tsclater * 1000000000ull);
+        for (uint32_t i = 1; i < n; i++)
+            tsc_skew("tsc later", i);
+    }
+
     uint32_t expected = n * opt_iters;
     say("counter=%u expected=%u", shared_counter, expected);
     if (shared_counter != expected)

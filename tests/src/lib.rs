@@ -231,11 +231,12 @@ pub fn base_args(accel: &str, smp: u32, mem_mib: u32) -> Vec<String> {
     .collect()
 }
 
-/// `(lo, hi, rtt_min)` of the test kernel's `FVTEST: tsc cpu N skew` line:
-/// the interval (in guest TSC cycles) that holds the skew between the BSP's
-/// TSC and CPU `cpu`'s, and the shortest ping-pong round trip.
-pub fn fvtest_tsc_skew(console: &str, cpu: u32) -> Option<(i64, i64, i64)> {
-    let prefix = format!("FVTEST: tsc cpu {cpu} skew ");
+/// `(lo, hi, rtt_min)` of the test kernel's `FVTEST: <label> cpu N skew`
+/// line (`label` "tsc" at start, "tsc later" after `tsclater=S`): the
+/// interval (in guest TSC cycles) that holds the skew between the BSP's TSC
+/// and CPU `cpu`'s, and the shortest ping-pong round trip.
+pub fn fvtest_tsc_skew(console: &str, label: &str, cpu: u32) -> Option<(i64, i64, i64)> {
+    let prefix = format!("FVTEST: {label} cpu {cpu} skew ");
     let line = console
         .lines()
         .find_map(|l| l.trim_end().strip_prefix(prefix.as_str()))?;

@@ -108,9 +108,10 @@ struct ClusterSpec {
     vcpu_map: Option<Vec<usize>>,
     /// More QEMU arguments for every node (e.g. `-device edu`).
     extra_args: Vec<String>,
-    /// The last node's monotonic clock runs this far from the others'
-    /// (`FRAGVISOR_TEST_CLOCK_SKEW_NS`), as on a host with its own clock.
-    last_node_clock_skew_ns: i64,
+    /// Environment of the last node only: the clock test knobs
+    /// (`FRAGVISOR_TEST_CLOCK_SKEW_NS`, `FRAGVISOR_TEST_CLOCK_RATE_PPM`)
+    /// give it a clock of its own, as on another host.
+    last_node_env: Vec<(&'static str, String)>,
 }
 
 impl ClusterSpec {
@@ -127,7 +128,7 @@ impl ClusterSpec {
             no_reboot: true,
             vcpu_map: None,
             extra_args: Vec::new(),
-            last_node_clock_skew_ns: 0,
+            last_node_env: Vec::new(),
         }
     }
 
@@ -142,7 +143,7 @@ impl ClusterSpec {
             no_reboot: true,
             vcpu_map: None,
             extra_args: Vec::new(),
-            last_node_clock_skew_ns: 0,
+            last_node_env: Vec::new(),
         }
     }
 
@@ -251,11 +252,8 @@ impl Cluster {
                 cmd.arg("-no-reboot");
             }
             cmd.args(&numa).args(&guest_args).args(&spec.extra_args);
-            if k == spec.nodes - 1 && spec.last_node_clock_skew_ns != 0 {
-                cmd.env(
-                    "FRAGVISOR_TEST_CLOCK_SKEW_NS",
-                    spec.last_node_clock_skew_ns.to_string(),
-                );
+            if k == spec.nodes - 1 {
+                cmd.envs(spec.last_node_env.iter().map(|(k, v)| (k, v)));
             }
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -381,15 +379,28 @@ fn linux_append(workload: &str) -> String {
     format!("console=ttyS0 clocksource=tsc tsc=reliable panic=-1 {workload}")
 }
 
-/// The summary line of node `id`, with the count of each vCPU it ran.
-fn summary_counts(r: &NodeResult) -> Vec<(u32, u64)> {
+/// The summary line of node `r`.
+fn summary_line(r: &NodeResult) -> &str {
     let prefix = format!("fragvisor: node {} summary:", r.id);
-    let line = r
-        .stderr
+    r.stderr
         .lines()
         .chain(r.stdout.lines())
         .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("node {} printed no summary line", r.id));
+        .unwrap_or_else(|| panic!("node {} printed no summary line", r.id))
+}
+
+/// The number `name=N` of node `r`'s summary line.
+fn summary_number(r: &NodeResult, name: &str) -> i64 {
+    let line = summary_line(r);
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}=N in {line}"))
+}
+
+/// The count of each vCPU node `r` ran, from its summary line.
+fn summary_counts(r: &NodeResult) -> Vec<(u32, u64)> {
+    let line = summary_line(r);
     let list = line
         .split("vcpus=[")
         .nth(1)
@@ -560,7 +571,7 @@ fn kvm_two_nodes_test_kernel_sipi_ipis_and_remote_port_io() {
     assert!(!console.contains("FVTEST: FAIL"), "{all}");
     // One clock: the TSC skew between vCPU 0 (node 0) and vCPU 1 (node 1),
     // bounded by a ping-pong in the guest, contains 0.
-    let (lo, hi, rtt) = fragvisor_e2e::fvtest_tsc_skew(console, 1)
+    let (lo, hi, rtt) = fragvisor_e2e::fvtest_tsc_skew(console, "tsc", 1)
         .unwrap_or_else(|| panic!("no TSC skew line\n{all}"));
     assert!(
         lo <= 0 && 0 <= hi,
@@ -591,7 +602,7 @@ fn tcg_two_nodes_one_clock_and_wide_mmio() {
     let skew_ns: i64 = 50_000_000;
     let spec = ClusterSpec {
         extra_args: vec!["-device".into(), "edu".into()],
-        last_node_clock_skew_ns: skew_ns,
+        last_node_env: vec![("FRAGVISOR_TEST_CLOCK_SKEW_NS", skew_ns.to_string())],
         ..ClusterSpec::test_kernel("fragvisor-tcg", 2)
     };
     let results = Cluster::start(&spec).finish(Duration::from_secs(240));
@@ -621,11 +632,56 @@ fn tcg_two_nodes_one_clock_and_wide_mmio() {
     );
     // The guest's TSC (1 GHz under TCG) is one clock: the skew between
     // vCPU 0 on node 0 and vCPU 1 on node 1 contains 0, not 50 ms.
-    let (lo, hi, rtt) =
-        fragvisor_e2e::fvtest_tsc_skew(console, 1).unwrap_or_else(|| panic!("no TSC line\n{all}"));
+    let (lo, hi, rtt) = fragvisor_e2e::fvtest_tsc_skew(console, "tsc", 1)
+        .unwrap_or_else(|| panic!("no TSC line\n{all}"));
     assert!(
         lo <= 0 && 0 <= hi,
         "cross-host TSC skew [{lo}, {hi}] ns excludes 0\n{all}"
     );
     eprintln!("TCG guest TSC skew node 0 vs node 1 (host clocks 50 ms apart): [{lo}, {hi}] ns, ping-pong {rtt} ns");
+}
+
+/// `fragvisor-tcg`, the test kernel on 2 nodes, node 1's monotonic clock
+/// running 300 ppm fast (`FRAGVISOR_TEST_CLOCK_RATE_PPM`): left alone, the
+/// hosts' clocks would be 2.4 ms apart after the 8 s the guest waits
+/// (`tsclater=8`). Node 1 measures its drift against the origin every
+/// second and steers its guest clock, so the guest's second skew
+/// measurement still holds 0, and node 1 reports the drift it measured.
+#[test]
+fn tcg_two_nodes_clock_drift_is_steered_out() {
+    let _one = serialize();
+    let ppm: i64 = 300;
+    let spec = ClusterSpec {
+        guest: Guest::TestKernel("tsclater=8".into()),
+        last_node_env: vec![("FRAGVISOR_TEST_CLOCK_RATE_PPM", ppm.to_string())],
+        ..ClusterSpec::test_kernel("fragvisor-tcg", 2)
+    };
+    let results = Cluster::start(&spec).finish(Duration::from_secs(240));
+    let all = transcript(&results);
+    assert_eq!(results[0].code(), Some(33), "origin exit status\n{all}");
+    assert_eq!(results[1].code(), Some(33), "node 1 exit status\n{all}");
+    let console = &results[0].stdout;
+    assert!(console.contains("FVTEST: PASS"), "{all}");
+    let (lo, hi, rtt) = fragvisor_e2e::fvtest_tsc_skew(console, "tsc later", 1)
+        .unwrap_or_else(|| panic!("no later TSC line\n{all}"));
+    assert!(
+        lo <= 0 && 0 <= hi,
+        "cross-host TSC skew [{lo}, {hi}] ns, 8 s on, excludes 0\n{all}"
+    );
+    // The origin's clock loses 300 µs a second against node 1's.
+    let rate = summary_number(&results[1], "clock_rate_ppb");
+    assert!(
+        (rate + ppm * 1000).abs() <= 30_000,
+        "node 1 measured a drift of {rate} ppb, real -{ppm} ppm\n{all}"
+    );
+    let resyncs = summary_number(&results[1], "clock_resyncs");
+    assert!(
+        resyncs >= 5,
+        "node 1 steered its clock {resyncs} times\n{all}"
+    );
+    let first = fragvisor_e2e::fvtest_tsc_skew(console, "tsc", 1);
+    eprintln!(
+        "TCG guest TSC skew node 0 vs node 1 (node 1's clock {ppm} ppm fast): at start {first:?}, \
+         8 s later [{lo}, {hi}] ns (ping-pong {rtt} ns); node 1 measured {rate} ppb in {resyncs} steps"
+    );
 }

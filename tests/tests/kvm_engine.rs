@@ -51,7 +51,7 @@ fn test_kernel_passes_with_two_vcpus() {
     run.assert_stdout_has(PASS_MARKERS);
     assert!(!run.stdout.contains("FVTEST: FAIL"), "{}", run.transcript());
     // Two vCPUs of one host read one TSC: the measured skew interval holds 0.
-    let (lo, hi, _) = fragvisor_e2e::fvtest_tsc_skew(&run.stdout, 1)
+    let (lo, hi, _) = fragvisor_e2e::fvtest_tsc_skew(&run.stdout, "tsc", 1)
         .unwrap_or_else(|| panic!("no TSC skew line\n{}", run.transcript()));
     assert!(
         lo <= 0 && 0 <= hi,

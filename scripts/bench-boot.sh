@@ -67,7 +67,7 @@ bench_one() {
     local n=$1 con=$WORK/nodes$1.console err=$WORK/nodes$1.stderr
     local t0 t line boot_t="" pass_t="" fail_line="" rc
     R_BOOT=null R_PASS=null R_EXIT=null R_UPTIME=null R_SKEW=null R_PAIRS="" R_RC=-1 R_OK=false
-    R_FAULTS=() R_SERVED=() R_SENT=() R_RECV=() R_CLOCK=()
+    R_FAULTS=() R_SERVED=() R_SENT=() R_RECV=() R_CLOCK=() R_RATE=()
 
     fv_log "nodes=$n: starting (timeout ${RUN_TIMEOUT}s)"
     t0=$EPOCHREALTIME
@@ -113,6 +113,7 @@ bench_one() {
         R_SENT+=("$(sed -nE 's/.* bytes_sent=([0-9]+).*/\1/p' <<<"$s")")
         R_RECV+=("$(sed -nE 's/.* bytes_received=([0-9]+).*/\1/p' <<<"$s")")
         R_CLOCK+=("$(sed -nE 's/.* clock_bound_ns=([0-9]+).*/\1/p' <<<"$s")")
+        R_RATE+=("$(sed -nE 's/.* clock_rate_ppb=(-?[0-9]+).*/\1/p' <<<"$s")")
     done
 
     if [ "$rc" -eq 0 ] && [ -n "$pass_t" ]; then
@@ -154,7 +155,7 @@ for n in $NODES_LIST; do
     json+=",\"boot_uptime_s\":$R_UPTIME,\"tsc_skew_ns\":$skew_ns,\"tsc_skew_cycles\":$R_SKEW,\"tsc_pair_bounds\":{$R_PAIRS}"
     json+=",\"dsm_faults\":$(json_arr "${R_FAULTS[@]}"),\"dsm_served\":$(json_arr "${R_SERVED[@]}")"
     json+=",\"bytes_sent\":$(json_arr "${R_SENT[@]}"),\"bytes_received\":$(json_arr "${R_RECV[@]}")"
-    json+=",\"clock_align_bound_ns\":$(json_arr "${R_CLOCK[@]}")}"
+    json+=",\"clock_align_bound_ns\":$(json_arr "${R_CLOCK[@]}"),\"clock_drift_ppb\":$(json_arr "${R_RATE[@]}")}"
     table+=("$(printf '%-5s %-4s %8s %8s %8s %9s %12s  %s' "$n" "$R_OK" "$R_BOOT" "$R_PASS" "$R_EXIT" \
         "$R_UPTIME" "$R_SKEW" "$(human_list "${R_FAULTS[@]}")")")
 done

@@ -14,7 +14,7 @@
 //! directory lock and then its local lock, never the other way round.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
@@ -65,6 +65,9 @@ pub struct DsmOptions {
     pub on_page_change: Option<PageChangeHook>,
     /// The transport.
     pub transport: TransportKind,
+    /// Count the faults of each page, for [`DsmNode::hottest_pages`] (4
+    /// bytes per page).
+    pub count_page_faults: bool,
 }
 
 impl Default for DsmOptions {
@@ -74,6 +77,7 @@ impl Default for DsmOptions {
             prefetch_max: 64,
             on_page_change: None,
             transport: TransportKind::Tcp,
+            count_page_faults: false,
         }
     }
 }
@@ -84,6 +88,7 @@ impl std::fmt::Debug for DsmOptions {
             .field("homes", &self.homes)
             .field("prefetch_max", &self.prefetch_max)
             .field("transport", &self.transport)
+            .field("count_page_faults", &self.count_page_faults)
             .finish()
     }
 }
@@ -249,6 +254,8 @@ pub(crate) struct Engine {
     prefetch_max: u64,
     on_page_change: Option<PageChangeHook>,
     app: RwLock<Option<AppHandler>>,
+    /// Faults of each page, when counted ([`DsmOptions::count_page_faults`]).
+    page_faults: Option<Box<[AtomicU32]>>,
 }
 
 /// Messages gathered while handling one batch, sent at the end.
@@ -358,6 +365,9 @@ impl DsmNode {
             prefetch_max: u64::from(opts.prefetch_max),
             on_page_change: opts.on_page_change,
             app: RwLock::new(None),
+            page_faults: opts
+                .count_page_faults
+                .then(|| (0..pages).map(|_| AtomicU32::new(0)).collect()),
         });
         let ranges = if origin {
             let ranges = runs(&touched);
@@ -439,6 +449,26 @@ impl DsmNode {
 
     /// A human-readable dump of the transactions in progress: this node's
     /// outstanding requests and, as a home, its busy pages and their queues.
+    /// The `n` pages with the most faults on this node, as `(host address,
+    /// faults)`, most first; empty unless
+    /// [`DsmOptions::count_page_faults`] was set.
+    pub fn hottest_pages(&self, n: usize) -> Vec<(u64, u32)> {
+        let Some(counts) = &self.engine.page_faults else {
+            return Vec::new();
+        };
+        let mut hot: Vec<(u64, u32)> = counts
+            .iter()
+            .enumerate()
+            .map(|(page, c)| (page as u64, c.load(Ordering::Relaxed)))
+            .filter(|&(_, c)| c > 0)
+            .collect();
+        hot.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        hot.truncate(n);
+        hot.into_iter()
+            .map(|(page, c)| (self.engine.space.addr_of(page), c))
+            .collect()
+    }
+
     /// For diagnosing a stuck cluster (`fragvisor-dsm` prints it on SIGUSR1).
     pub fn dump_state(&self) -> String {
         use std::fmt::Write;
@@ -777,6 +807,9 @@ impl Engine {
                 return;
             }
             sh.pending.insert(page, Pending::new(false, t0));
+            if let Some(c) = self.page_faults.as_ref().and_then(|c| c.get(page as usize)) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
             if st == LocalState::Shared {
                 Stats::bump(&self.stats.upgrades);
             } else if write {

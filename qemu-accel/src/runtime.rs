@@ -490,6 +490,8 @@ pub struct Runtime {
     steer: SharedSteer,
     /// Clock exchanges since the start that steered it.
     resyncs: AtomicU64,
+    /// Guest RAM regions `(name, host address, length)`, to name pages.
+    regions: Vec<(String, u64, u64)>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -555,7 +557,18 @@ pub fn dsm_config(
 /// it stays off: a booting kernel spins next to data that other hosts write,
 /// and pages fetched ahead take those pages away from their writers.
 pub fn guest_prefetch_max() -> u32 {
-    std::env::var("FRAGVISOR_DSM_PREFETCH")
+    env_u32("FRAGVISOR_DSM_PREFETCH")
+}
+
+/// `FRAGVISOR_DSM_HOT_PAGES=N`: count each guest page's DSM faults and list
+/// the `N` with the most under the exit summary (a diagnostic for guests
+/// whose pages move back and forth between hosts); 0 (the default): off.
+pub fn hot_pages_listed() -> usize {
+    env_u32("FRAGVISOR_DSM_HOT_PAGES") as usize
+}
+
+fn env_u32(name: &str) -> u32 {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
@@ -576,6 +589,7 @@ impl Runtime {
             homes,
             on_page_change,
             prefetch_max: guest_prefetch_max(),
+            count_page_faults: hot_pages_listed() > 0,
             ..DsmOptions::default()
         };
         let node =
@@ -599,6 +613,10 @@ impl Runtime {
             clock: OnceLock::new(),
             steer: SharedSteer::default(),
             resyncs: AtomicU64::new(0),
+            regions: regions
+                .iter()
+                .map(|&(name, addr, len)| (name.to_string(), addr, len))
+                .collect(),
         });
         let (app_tx, app_rx) = mpsc::channel::<AppJob>();
         let (exec_tx, exec_rx) = mpsc::channel::<IoJob>();
@@ -914,7 +932,7 @@ impl Runtime {
                 format!("cpu{c}:{}", extra(c) + fwd)
             })
             .collect();
-        format!(
+        let mut line = format!(
             "fragvisor: node {me} summary: vcpus=[{}] dsm_faults={} dsm_served={} bytes_sent={} bytes_received={} clock_bound_ns={} clock_resyncs={} clock_rate_ppb={}",
             vcpus.join(","),
             s.faults(),
@@ -924,7 +942,32 @@ impl Runtime {
             self.clock().mono.bound,
             self.resyncs.load(Ordering::Relaxed),
             self.steer.load().rate_ppb
-        )
+        );
+        let hot = self.node.hottest_pages(hot_pages_listed());
+        if !hot.is_empty() {
+            let total: u64 = s.faults();
+            let listed: u64 = hot.iter().map(|&(_, n)| u64::from(n)).sum();
+            let pages: Vec<String> = hot
+                .iter()
+                .map(|&(addr, n)| format!("{}:{n}", self.page_name(addr)))
+                .collect();
+            line.push_str(&format!(
+                "\nfragvisor: node {me} hottest pages ({listed} of {total} faults): {}",
+                pages.join(" ")
+            ));
+        }
+        line
+    }
+
+    /// `region+0xoffset` of a guest RAM host address.
+    fn page_name(&self, addr: u64) -> String {
+        self.regions
+            .iter()
+            .find(|&&(_, base, len)| addr >= base && addr - base < len)
+            .map_or_else(
+                || format!("{addr:#x}"),
+                |(name, base, _)| format!("{name}+{:#x}", addr - base),
+            )
     }
 
     /// Leaves the cluster: pending calls fail, peers see a clean exit.

@@ -176,6 +176,7 @@ impl NodeArgs {
             prefetch_max: self.prefetch,
             on_page_change: None,
             transport,
+            ..DsmOptions::default()
         })
     }
 }

@@ -20,7 +20,11 @@
  * rounds between the BSP and each AP, default 16; 0 skips the skew measurement), tsclater=S
  * (after the memory phase, wait S * 10^9 TSC cycles -- S seconds under fragvisor-tcg's 1 GHz
  * TSC -- and measure the skew again, printed as "tsc later cpu N skew ..."), mmio16=0
- * (skip the 16-byte MMIO check that runs when QEMU's "edu" PCI device is present).
+ * (skip the 16-byte MMIO check that runs when QEMU's "edu" PCI device is present), smc=N
+ * (cross-modifying code, needs 3 CPUs: the BSP rewrites the immediate of a tiny function N
+ * times while CPU 1 calls it without pause and CPU 2 keeps reading its page; after each
+ * rewrite CPU 1 serializes and must get the new value -- on a cluster with CPUs 0 and 1 on
+ * one host and CPU 2 on another, the rewrite waits for the DSM while CPU 1 translates).
  *
  * Keep the code boring: it must run through KVM's instruction emulator.
  */
@@ -120,10 +124,20 @@ static struct {
 } tscbox __attribute__((aligned(4096)));
 
 static uint32_t opt_cpus, opt_ipis = 8, opt_iters = 20000, opt_memkb = 64, opt_aptoap = 1, opt_extipi = 1,
-                opt_tsc = 16, opt_tsclater, opt_mmio16 = 1;
+                opt_tsc = 16, opt_tsclater, opt_mmio16 = 1, opt_smc;
 static uint32_t pm1a_cnt, slp_typ_s5;
 
-enum { CMD_NONE, CMD_SEND_TO_BSP, CMD_MEMTEST, CMD_SEND_TO_AP, CMD_HALT, CMD_TSC, CMD_MMIO16 };
+enum { CMD_NONE, CMD_SEND_TO_BSP, CMD_MEMTEST, CMD_SEND_TO_AP, CMD_HALT, CMD_TSC, CMD_MMIO16, CMD_SMC_RUN,
+       CMD_SMC_READ };
+
+/* Cross-modifying code (smc=N): "mov $imm32, %eax; ret" at the start of its own page. */
+static volatile uint8_t smc_page[4096] __attribute__((aligned(4096)));
+static struct {
+    volatile uint32_t seq;  /* the BSP: the immediate it wrote last */
+    volatile uint32_t ack;  /* CPU 1: the last value it saw */
+    volatile uint32_t stop; /* the BSP: CPU 2 may stop reading */
+    volatile uint32_t got;  /* CPU 1: what the call returned on a mismatch */
+} smc_ctl __attribute__((aligned(4096)));
 
 /* ---------------- low level ---------------- */
 
@@ -608,6 +622,41 @@ static void mmio16_store_load(uint32_t idx)
     copy16(mmio16_buf, regs);
 }
 
+static inline uint32_t smc_call(void)
+{
+    uint32_t v;
+    __asm__ volatile("call *%1" : "=a"(v) : "r"(smc_page) : "memory", "ecx", "edx");
+    return v;
+}
+
+static inline void serialize(void)
+{
+    uint32_t a = 0, b, c = 0, d;
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d)::"memory");
+}
+
+/* CPU 1: call the function without pause; after each rewrite it must return the new value. */
+static void smc_run(uint32_t rounds)
+{
+    uint32_t seen = 0;
+    while (seen < rounds) {
+        (void)smc_call();
+        uint32_t want = smc_ctl.seq;
+        if (want == seen)
+            continue;
+        serialize();
+        uint32_t got = smc_call();
+        if (got != want) {
+            smc_ctl.got = got;
+            barrier();
+            smc_ctl.ack = 0xffffffff;
+            return;
+        }
+        seen = want;
+        smc_ctl.ack = seen;
+    }
+}
+
 /* ---------------- APs ---------------- */
 
 void ap_main(void)
@@ -647,6 +696,13 @@ void ap_main(void)
             break;
         case CMD_MMIO16:
             mmio16_store_load(idx);
+            break;
+        case CMD_SMC_RUN:
+            smc_run(cmd_arg(idx));
+            break;
+        case CMD_SMC_READ: /* keep taking the code page to this CPU's host */
+            while (!smc_ctl.stop)
+                (void)smc_page[2048];
             break;
         case CMD_TSC: /* answer cmd_arg TSC pings from the BSP */
             for (uint32_t r = 1; r <= cmd_arg(idx); r++) {
@@ -769,6 +825,7 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
     opt_tsc = parse_opt(cl, "tsc", opt_tsc);
     opt_tsclater = parse_opt(cl, "tsclater", opt_tsclater);
     opt_mmio16 = parse_opt(cl, "mmio16", opt_mmio16);
+    opt_smc = parse_opt(cl, "smc", opt_smc);
     if (opt_memkb == 0)
         opt_memkb = 4;
 
@@ -918,6 +975,31 @@ void bsp_main(uint32_t magic, struct mb_info *mbi)
         if (regs[0] != mmio16_word(ap, 0) || regs[2] != mmio16_word(ap, 2))
             fail("16-byte MMIO store from AP not in the device", regs[0], regs[2]);
         say("mmio16 cpu %u ok bar=%x", ap, edu_bar);
+    }
+
+    /* Cross-modifying code: the BSP rewrites, CPU 1 runs, CPU 2 pulls the page away. */
+    if (opt_smc && n >= 3) {
+        smc_page[0] = 0xb8; /* mov $0, %eax; ret */
+        for (int k = 1; k <= 4; k++)
+            smc_page[k] = 0;
+        smc_page[5] = 0xc3;
+        smc_ctl.seq = smc_ctl.ack = smc_ctl.stop = 0;
+        barrier();
+        ap_command(2, CMD_SMC_READ, 0);
+        ap_command(1, CMD_SMC_RUN, opt_smc);
+        for (uint32_t r = 1; r <= opt_smc; r++) {
+            *(volatile uint32_t *)(smc_page + 1) = r; /* one store rewrites the immediate */
+            barrier();
+            smc_ctl.seq = r;
+            if (!wait_eq(&smc_ctl.ack, r, 1))
+                fail("timeout: CPU 1 did not see the rewritten code", r, smc_ctl.ack);
+            if (smc_ctl.ack == 0xffffffff)
+                fail("stale code after a rewrite", r, smc_ctl.got);
+        }
+        smc_ctl.stop = 1;
+        if (!ap_wait(1) || !ap_wait(2))
+            fail("timeout: end of the cross-modifying code phase", 0, 0);
+        say("smc rounds=%u ok", opt_smc);
     }
 
     /* Memory: every vCPU fills and checks its own region and adds to one counter. */

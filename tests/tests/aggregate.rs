@@ -694,11 +694,13 @@ fn tcg_two_nodes_clock_drift_is_steered_out() {
 /// running the old code after it serializes.
 ///
 /// A known bug, reproduced here (docs/aggregate-vm.md, "Not done yet"):
-/// CPU 1 translates the old bytes while the BSP's store waits for the DSM,
-/// and that translation outlives the store. It fails within the first few
-/// hundred rounds; run it with `--ignored`.
+/// CPU 1 translates the old bytes between QEMU dropping the page's code and
+/// the BSP's store landing (a race of QEMU's multi-threaded TCG, which a
+/// store waiting for the DSM widens), and that translation outlives the
+/// store. It fails within the first few hundred rounds; run it with
+/// `--ignored`.
 #[test]
-#[ignore = "known bug: stale translated code after a same-host rewrite that waited for the DSM"]
+#[ignore = "known bug: stale translated code after a same-host rewrite (QEMU MTTCG race)"]
 fn tcg_cross_modifying_code_is_never_stale() {
     let _one = serialize();
     let spec = ClusterSpec {

@@ -418,6 +418,20 @@ fn summary_counts(r: &NodeResult) -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// Runs a test-kernel cluster to its end: every node exits with the
+/// isa-debug-exit status (0x10 << 1) | 1 = 33, the test kernel's PASS and
+/// the VM's status on every node, and the origin's console says
+/// `FVTEST: PASS`. Returns the results and their transcript.
+fn run_test_kernel_cluster(spec: &ClusterSpec, timeout: Duration) -> (Vec<NodeResult>, String) {
+    let results = Cluster::start(spec).finish(timeout);
+    let all = transcript(&results);
+    for r in &results {
+        assert_eq!(r.code(), Some(33), "node {} exit status\n{all}", r.id);
+    }
+    assert!(results[0].stdout.contains("FVTEST: PASS"), "{all}");
+    (results, all)
+}
+
 fn linux_cluster_runs_workloads(nodes: usize, vcpu_map: Option<Vec<usize>>) {
     let _one = serialize();
     let spec = ClusterSpec {
@@ -549,12 +563,7 @@ fn tcg_killed_node_stops_the_origin_naming_it() {
 fn kvm_two_nodes_test_kernel_sipi_ipis_and_remote_port_io() {
     let _one = serialize();
     let spec = ClusterSpec::test_kernel("fragvisor", 2);
-    let results = Cluster::start(&spec).finish(Duration::from_secs(240));
-    let all = transcript(&results);
-    // isa-debug-exit: (0x10 << 1) | 1 = 33 is PASS; the VM's exit status
-    // is every node's.
-    assert_eq!(results[0].code(), Some(33), "origin exit status\n{all}");
-    assert_eq!(results[1].code(), Some(33), "node 1 exit status\n{all}");
+    let (results, all) = run_test_kernel_cluster(&spec, Duration::from_secs(240));
     let console = &results[0].stdout;
     for needle in [
         "FVTEST: cpu 0 online apic=0 (bsp)",
@@ -564,7 +573,6 @@ fn kvm_two_nodes_test_kernel_sipi_ipis_and_remote_port_io() {
         "FVTEST: ipi bsp->1 ok",
         "FVTEST: ipi 1->bsp ok",
         "FVTEST: counter=",
-        "FVTEST: PASS",
     ] {
         assert!(console.contains(needle), "console lacks {needle:?}\n{all}");
     }
@@ -605,12 +613,8 @@ fn tcg_two_nodes_one_clock_and_wide_mmio() {
         last_node_env: vec![("FRAGVISOR_TEST_CLOCK_SKEW_NS", skew_ns.to_string())],
         ..ClusterSpec::test_kernel("fragvisor-tcg", 2)
     };
-    let results = Cluster::start(&spec).finish(Duration::from_secs(240));
-    let all = transcript(&results);
-    assert_eq!(results[0].code(), Some(33), "origin exit status\n{all}");
-    assert_eq!(results[1].code(), Some(33), "node 1 exit status\n{all}");
+    let (results, all) = run_test_kernel_cluster(&spec, Duration::from_secs(240));
     let console = &results[0].stdout;
-    assert!(console.contains("FVTEST: PASS"), "{all}");
     assert!(console.contains("FVTEST: mmio16 cpu 1 ok"), "{all}");
     // Node 1 found its clock 50 ms ahead of node 0's.
     let line = results[1]
@@ -656,12 +660,8 @@ fn tcg_two_nodes_clock_drift_is_steered_out() {
         last_node_env: vec![("FRAGVISOR_TEST_CLOCK_RATE_PPM", ppm.to_string())],
         ..ClusterSpec::test_kernel("fragvisor-tcg", 2)
     };
-    let results = Cluster::start(&spec).finish(Duration::from_secs(240));
-    let all = transcript(&results);
-    assert_eq!(results[0].code(), Some(33), "origin exit status\n{all}");
-    assert_eq!(results[1].code(), Some(33), "node 1 exit status\n{all}");
+    let (results, all) = run_test_kernel_cluster(&spec, Duration::from_secs(240));
     let console = &results[0].stdout;
-    assert!(console.contains("FVTEST: PASS"), "{all}");
     let (lo, hi, rtt) = fragvisor_e2e::fvtest_tsc_skew(console, "tsc later", 1)
         .unwrap_or_else(|| panic!("no later TSC line\n{all}"));
     assert!(
@@ -708,14 +708,9 @@ fn tcg_cross_modifying_code_is_never_stale() {
         guest: Guest::TestKernel("smc=2000".into()),
         ..ClusterSpec::test_kernel("fragvisor-tcg", 2)
     };
-    let results = Cluster::start(&spec).finish(Duration::from_secs(300));
-    let all = transcript(&results);
-    let console = &results[0].stdout;
+    let (results, all) = run_test_kernel_cluster(&spec, Duration::from_secs(300));
     assert!(
-        console.contains("FVTEST: smc rounds=2000 ok"),
+        results[0].stdout.contains("FVTEST: smc rounds=2000 ok"),
         "no smc line\n{all}"
     );
-    assert!(console.contains("FVTEST: PASS"), "{all}");
-    assert_eq!(results[0].code(), Some(33), "origin exit status\n{all}");
-    assert_eq!(results[1].code(), Some(33), "node 1 exit status\n{all}");
 }

@@ -21,6 +21,11 @@ use thiserror::Error;
 
 use crate::placement::{PlacementError, VcpuPlacement};
 
+/// `a;b;c`: how list options are written (`peers`, `vcpu-map`).
+fn semicolon_list<T: fmt::Display>(items: &[T]) -> String {
+    items.iter().map(T::to_string).collect::<Vec<_>>().join(";")
+}
+
 /// Smallest accepted pre-shared key, in bytes.
 pub const MIN_KEY_LEN: usize = 16;
 
@@ -375,14 +380,7 @@ impl ConfigBuilder {
         Ok(match name {
             "nodes" => self.nodes.unwrap_or(1).to_string(),
             "node-id" => self.node_id.unwrap_or(0).to_string(),
-            "peers" => self
-                .peers
-                .as_deref()
-                .unwrap_or_default()
-                .iter()
-                .map(PeerAddr::to_string)
-                .collect::<Vec<_>>()
-                .join(";"),
+            "peers" => semicolon_list(self.peers.as_deref().unwrap_or_default()),
             "key" => match self.key {
                 Some(_) => "<set>".to_string(),
                 None => String::new(),
@@ -396,14 +394,7 @@ impl ConfigBuilder {
                 .peer_timeout_ms
                 .unwrap_or(DEFAULT_PEER_TIMEOUT_MS)
                 .to_string(),
-            "vcpu-map" => self
-                .vcpu_map
-                .as_deref()
-                .unwrap_or_default()
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(";"),
+            "vcpu-map" => semicolon_list(self.vcpu_map.as_deref().unwrap_or_default()),
             _ => return Err(ConfigError::UnknownOption(name.to_string())),
         })
     }

@@ -108,6 +108,14 @@ impl AddressSpace {
         (addr < r.base + r.len).then(|| r.first_page + (addr - r.base) / PAGE_SIZE as u64)
     }
 
+    /// The region holding host address `addr`, and `addr`'s offset in it.
+    pub fn region_of(&self, addr: u64) -> Option<(&Region, u64)> {
+        let page = self.page_of(addr)?;
+        let i = self.regions.partition_point(|r| r.first_page <= page) - 1;
+        let r = &self.regions[i];
+        Some((r, addr - r.base))
+    }
+
     /// Host address of a page.
     pub fn addr_of(&self, page: u64) -> u64 {
         let i = self.regions.partition_point(|r| r.first_page <= page) - 1;
@@ -141,6 +149,10 @@ mod tests {
         assert_eq!(s.addr_of(3), 0x10_3000);
         assert!(s.same_region(0, 3));
         assert!(!s.same_region(3, 4));
+        let named = |addr| s.region_of(addr).map(|(r, off)| (r.name.as_str(), off));
+        assert_eq!(named(0x10_1abc), Some(("ram", 0x1abc)));
+        assert_eq!(named(0x2fff), Some(("rom", 0x1fff)));
+        assert_eq!(named(0x3000), None);
         assert!(matches!(
             s.add("x", 0x10_2000, 0x1000),
             Err(SpaceError::Overlap { .. })

@@ -490,8 +490,6 @@ pub struct Runtime {
     steer: SharedSteer,
     /// Clock exchanges since the start that steered it.
     resyncs: AtomicU64,
-    /// Guest RAM regions `(name, host address, length)`, to name pages.
-    regions: Vec<(String, u64, u64)>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -613,10 +611,6 @@ impl Runtime {
             clock: OnceLock::new(),
             steer: SharedSteer::default(),
             resyncs: AtomicU64::new(0),
-            regions: regions
-                .iter()
-                .map(|&(name, addr, len)| (name.to_string(), addr, len))
-                .collect(),
         });
         let (app_tx, app_rx) = mpsc::channel::<AppJob>();
         let (exec_tx, exec_rx) = mpsc::channel::<IoJob>();
@@ -694,16 +688,18 @@ impl Runtime {
         // Everyone has its handler installed before anyone forwards.
         node.barrier()
             .map_err(|e| RuntimeError::Dsm(error_chain(&e)))?;
-        if me == 0 {
-            let clock = ClockSync::origin(rt.base);
-            rt.steer.update(|_| Steer::fixed(clock.mono.offset));
-            rt.clock.set(clock).expect("clock set once");
+        // The origin defines the clock; every other node measures it and
+        // keeps steering towards it (its best exchange starts the drift).
+        let (clock, first) = if me == 0 {
+            (ClockSync::origin(rt.base), None)
         } else {
             let (samples, base) = rt.clock_samples(SYNC_SAMPLES)?;
-            let clock = ClockSync::estimate(&samples, base)?;
-            rt.steer.update(|_| Steer::fixed(clock.mono.offset));
-            rt.clock.set(clock).expect("clock set once");
             let first = MonoEstimate::best(&samples)?;
+            (ClockSync::estimate(&samples, base)?, Some(first))
+        };
+        rt.steer.update(|_| Steer::fixed(clock.mono.offset));
+        rt.clock.set(clock).expect("clock set once");
+        if let Some(first) = first {
             let rt2 = rt.clone();
             std::thread::Builder::new()
                 .name("fv-clock".into())
@@ -961,13 +957,10 @@ impl Runtime {
 
     /// `region+0xoffset` of a guest RAM host address.
     fn page_name(&self, addr: u64) -> String {
-        self.regions
-            .iter()
-            .find(|&&(_, base, len)| addr >= base && addr - base < len)
-            .map_or_else(
-                || format!("{addr:#x}"),
-                |(name, base, _)| format!("{name}+{:#x}", addr - base),
-            )
+        match self.node.space().region_of(addr) {
+            Some((r, offset)) => format!("{}+{offset:#x}", r.name),
+            None => format!("{addr:#x}"),
+        }
     }
 
     /// Leaves the cluster: pending calls fail, peers see a clean exit.

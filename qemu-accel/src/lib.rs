@@ -20,6 +20,6 @@ pub mod placement;
 pub mod runtime;
 
 pub use config::{
-    ClusterConfig, ClusterKey, ConfigBuilder, ConfigError, Engine, OptionSpec, PeerAddr, OPTIONS,
+    AccelConfig, ClusterKey, ConfigBuilder, ConfigError, Engine, OptionSpec, PeerAddr, OPTIONS,
 };
 pub use placement::{PlacementError, VcpuPlacement};

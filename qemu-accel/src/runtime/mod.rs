@@ -7,19 +7,19 @@
 //! QEMU talks to it through [`Host`] (implemented by the C glue in `ffi/`)
 //! and the blocking calls on [`Runtime`]. Threads:
 //!
-//! * the DSM's receive threads decode runtime frames ([`dispatch`]); an I/O
+//! * the DSM's receive threads decode runtime frames (`dispatch.rs`); an I/O
 //!   reply only wakes the waiting vCPU thread, everything else is queued, so
 //!   those threads never call into QEMU (a vCPU blocked in a fault may hold
 //!   QEMU's locks);
 //! * `fv-app` calls [`Host`] for interrupts, APIC state, EOIs and lifecycle
 //!   events (the C side takes QEMU's big lock there);
 //! * `fv-exec-N` (origin only) run forwarded I/O on the device model
-//!   ([`io`]);
+//!   (`io.rs`);
 //! * `fv-watch` turns DSM events into [`Host::node_failed`] and fails the
 //!   forwarded calls that wait for a dead node, so no vCPU hangs
-//!   ([`lifecycle`]);
+//!   (`lifecycle.rs`);
 //! * `fv-clock` (non-origin only) keeps the guest clock steered towards the
-//!   origin's ([`clock_sync`]).
+//!   origin's (`clock_sync.rs`).
 //!
 //! Wire format: one frame per message on channel [`RUNTIME_CHANNEL`], see
 //! [`Message`] and `RUNTIME.md` next to this file (messages, calls, the clock

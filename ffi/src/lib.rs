@@ -18,7 +18,7 @@ use std::ptr;
 
 pub mod runtime;
 
-use qemu_accel::{ClusterConfig, ConfigBuilder, ConfigError, Engine, VcpuPlacement, OPTIONS};
+use qemu_accel::{AccelConfig, ConfigBuilder, ConfigError, Engine, VcpuPlacement, OPTIONS};
 
 /// The vCPU engine of the accelerator calling in.
 #[repr(C)]
@@ -46,7 +46,7 @@ pub struct FvConfig {
 }
 
 struct Resolved {
-    config: ClusterConfig,
+    config: AccelConfig,
     placement: VcpuPlacement,
 }
 
@@ -314,7 +314,7 @@ mod tests {
 
     #[test]
     fn option_table_is_exported() {
-        assert_eq!(fv_option_count(), 7);
+        assert_eq!(fv_option_count(), 11);
         let names: Vec<String> = (0..fv_option_count())
             .map(|i| {
                 // SAFETY: the table holds static NUL-terminated strings.
@@ -333,10 +333,14 @@ mod tests {
                 "key",
                 "key-file",
                 "peer-timeout-ms",
-                "vcpu-map"
+                "vcpu-map",
+                "prefetch",
+                "hot-pages",
+                "test-clock-skew-ns",
+                "test-clock-rate-ppm"
             ]
         );
-        assert!(fv_option_name(7).is_null());
+        assert!(fv_option_name(11).is_null());
         assert!(!fv_option_help(0).is_null());
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use dsm_service::home::HomeMap;
 use dsm_service::uffd::PAGE_SIZE;
 use qemu_accel::runtime::{
-    dsm_config, ApicState, Host, IoAccess, IoSpace, Irq, IrqKind, Lifecycle, Runtime,
+    ApicState, Host, IoAccess, IoSpace, Irq, IrqKind, Lifecycle, Runtime, RuntimeConfig,
 };
 
 use crate::{error_string, FvConfig};
@@ -276,7 +276,8 @@ pub unsafe extern "C" fn fv_runtime_start(
             // The `peer-timeout-ms` option wins over the caller's default.
             let ms = resolved.config.peer_timeout_ms.unwrap_or(peer_timeout_ms);
             let timeout = Duration::from_millis(u64::from(ms.max(1)));
-            let dsm = dsm_config(&resolved.config, timeout).map_err(|e| e.to_string())?;
+            let config =
+                RuntimeConfig::new(&resolved.config, timeout).map_err(|e| e.to_string())?;
             let host = Arc::new(CHost { ops, ctx });
             let hook: Option<dsm_service::node::PageChangeHook> = ops.page_changed.map(|f| {
                 let h = host.clone();
@@ -285,8 +286,15 @@ pub unsafe extern "C" fn fv_runtime_start(
                     unsafe { f(h.ctx, addr, len) }
                 }) as dsm_service::node::PageChangeHook
             });
-            let rt = Runtime::start(&dsm, resolved.placement.clone(), &list, homes, hook, host)
-                .map_err(|e| e.to_string())?;
+            let rt = Runtime::start(
+                &config,
+                resolved.placement.clone(),
+                &list,
+                homes,
+                hook,
+                host,
+            )
+            .map_err(|e| e.to_string())?;
             Ok(FvRuntime { rt })
         },
     ));

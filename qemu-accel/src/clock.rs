@@ -29,40 +29,60 @@
 //! `tsc-frequency`.
 //!
 //! Hosts on one machine share their clocks. To test the alignment there,
-//! `FRAGVISOR_TEST_CLOCK_SKEW_NS=N` shifts this process's monotonic clock by
-//! N ns, and `FRAGVISOR_TEST_CLOCK_RATE_PPM=R` makes it run R ppm fast (or
-//! slow, if negative), as if it ran on a host whose clock is off by that
-//! much.
+//! the accelerator options `test-clock-skew-ns=N` (shift this process's
+//! monotonic clock by N ns) and `test-clock-rate-ppm=R` (make it run R ppm
+//! fast, or slow if negative) make it read as if it ran on a host whose
+//! clock is off by that much ([`set_test_clock`]; `crate::config` also
+//! takes them from `FRAGVISOR_TEST_CLOCK_SKEW_NS` and
+//! `FRAGVISOR_TEST_CLOCK_RATE_PPM`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use crate::runtime::RuntimeError;
+use thiserror::Error;
+use tracing::warn;
 
-/// Test knob: `FRAGVISOR_TEST_CLOCK_SKEW_NS`, read once.
-pub const TEST_SKEW_ENV: &str = "FRAGVISOR_TEST_CLOCK_SKEW_NS";
-/// Test knob: `FRAGVISOR_TEST_CLOCK_RATE_PPM`, read once.
-pub const TEST_RATE_ENV: &str = "FRAGVISOR_TEST_CLOCK_RATE_PPM";
-
-fn env_i64(name: &str) -> i64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+/// Why the clocks could not be estimated.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ClockError {
+    /// Every exchange had its reply before its request (or there were none).
+    #[error("no usable sample among {0} clock exchanges")]
+    NoUsableSample(usize),
 }
 
-/// The test knobs: (shift in ns, rate error in ppm, the raw clock they
+/// The test knobs of this process's monotonic clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestClock {
+    /// Shift, in ns.
+    pub skew_ns: i64,
+    /// Rate error, in ppm (fast if positive).
+    pub rate_ppm: i64,
+}
+
+/// The knobs in force and the raw clock they count the rate error from.
+static TEST_CLOCK: OnceLock<(TestClock, u64)> = OnceLock::new();
+
+/// Puts the test knobs in force for this process from now on (the runtime
+/// does at start, from its configuration). Knobs that are all zero change
+/// nothing; the first knobs set stay, a later different set is refused with
+/// a warning (one process, one clock).
+pub fn set_test_clock(knobs: TestClock) {
+    if knobs == TestClock::default() {
+        return;
+    }
+    let (kept, _) = *TEST_CLOCK.get_or_init(|| (knobs, raw_mono_ns()));
+    if kept != knobs {
+        warn!(?kept, refused = ?knobs, "the test clock is already set");
+    }
+}
+
+/// The knobs in force: (shift in ns, rate error in ppm, the raw clock they
 /// count the rate error from).
 fn test_knobs() -> (i64, i64, u64) {
-    static KNOBS: OnceLock<(i64, i64, u64)> = OnceLock::new();
-    *KNOBS.get_or_init(|| {
-        (
-            env_i64(TEST_SKEW_ENV),
-            env_i64(TEST_RATE_ENV),
-            raw_mono_ns(),
-        )
-    })
+    TEST_CLOCK
+        .get()
+        .map_or((0, 0, 0), |&(k, start)| (k.skew_ns, k.rate_ppm, start))
 }
 
 fn raw_mono_ns() -> u64 {
@@ -78,7 +98,7 @@ fn raw_mono_ns() -> u64 {
 }
 
 /// This host's `CLOCK_MONOTONIC` in ns (shifted and sped up by the test
-/// knobs, if set).
+/// knobs, if set: [`set_test_clock`]).
 pub fn mono_ns() -> u64 {
     let raw = raw_mono_ns();
     let (skew, ppm, start) = test_knobs();
@@ -191,7 +211,7 @@ impl ClockSync {
     /// A non-origin node: the estimate from `samples` against the origin's
     /// `base`. The sample with the shortest monotonic round trip is used for
     /// both clocks.
-    pub fn estimate(samples: &[SyncSample], base: ClockReading) -> Result<ClockSync, RuntimeError> {
+    pub fn estimate(samples: &[SyncSample], base: ClockReading) -> Result<ClockSync, ClockError> {
         let best = best_sample(samples)?;
         let tsc_mid = half_way(best.sent.tsc, best.received.tsc);
         let mono = MonoEstimate::of(best);
@@ -220,17 +240,12 @@ impl ClockSync {
 }
 
 /// The sample with the shortest monotonic round trip.
-fn best_sample(samples: &[SyncSample]) -> Result<&SyncSample, RuntimeError> {
+fn best_sample(samples: &[SyncSample]) -> Result<&SyncSample, ClockError> {
     samples
         .iter()
         .filter(|s| s.received.mono_ns >= s.sent.mono_ns)
         .min_by_key(|s| s.received.mono_ns - s.sent.mono_ns)
-        .ok_or_else(|| {
-            RuntimeError::Clock(format!(
-                "no usable sample among {} clock exchanges",
-                samples.len()
-            ))
-        })
+        .ok_or(ClockError::NoUsableSample(samples.len()))
 }
 
 /// One estimate of the monotonic clocks' distance, from one exchange.
@@ -255,7 +270,7 @@ impl MonoEstimate {
     }
 
     /// The best estimate among `samples` (shortest round trip).
-    pub fn best(samples: &[SyncSample]) -> Result<MonoEstimate, RuntimeError> {
+    pub fn best(samples: &[SyncSample]) -> Result<MonoEstimate, ClockError> {
         best_sample(samples).map(MonoEstimate::of)
     }
 }

@@ -13,6 +13,20 @@
 //! | `peers`    | `host:port` of every node, in node-id order, separated by `;` (or `,,` on the QEMU command line) |
 //! | `key`      | pre-shared cluster key (at least 16 bytes)                |
 //! | `key-file` | file holding the pre-shared cluster key                   |
+//! | `peer-timeout-ms` | a peer silent this long is declared failed (default 5000) |
+//! | `vcpu-map` | node of each vCPU, in vCPU order (default: contiguous blocks) |
+//! | `prefetch` | DSM read-ahead for guest RAM, in pages (default 0: off); fallback `FRAGVISOR_DSM_PREFETCH` |
+//! | `hot-pages` | list the N guest pages with the most DSM faults under the exit summary (default 0: off); fallback `FRAGVISOR_DSM_HOT_PAGES` |
+//! | `test-clock-skew-ns` | test knob: shift this host's monotonic clock by N ns (default 0); fallback `FRAGVISOR_TEST_CLOCK_SKEW_NS` |
+//! | `test-clock-rate-ppm` | test knob: run this host's monotonic clock R ppm fast, or slow if negative (default 0); fallback `FRAGVISOR_TEST_CLOCK_RATE_PPM` |
+//!
+//! **Environment fallbacks.** The last four options can also come from the
+//! environment variables named above (scripts such as
+//! `scripts/bench-boot.sh` and the end-to-end tests set them for every
+//! node). An option given on the command line wins; an unset or empty
+//! variable counts as not given. [`ConfigBuilder::build`] reads them, here
+//! and nowhere else ([`ENV_FALLBACKS`]), and checks a variable's value as it
+//! checks the option's, with an error that names the variable.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -29,10 +43,15 @@ fn semicolon_list<T: fmt::Display>(items: &[T]) -> String {
 /// Smallest accepted pre-shared key, in bytes.
 pub const MIN_KEY_LEN: usize = 16;
 
-/// Largest cluster we accept. Every host creates every vCPU and guests run
-/// xAPIC (at most 255 APIC IDs), so more hosts than that cannot each own a
-/// vCPU.
-pub const MAX_NODES: u32 = 255;
+/// Largest cluster we accept: the DSM's own limit
+/// ([`dsm_service::MAX_NODES`]; it keeps each page's sharers in a 64-bit
+/// set). Checked once, when `nodes` is set, so that a cluster the DSM would
+/// refuse fails at option parse time; the launcher uses the same constant.
+pub const MAX_NODES: u32 = dsm_service::MAX_NODES as u32;
+
+// Every host creates every vCPU and guests run xAPIC (at most 255 APIC IDs),
+// so more hosts than that could not each own a vCPU.
+const _: () = assert!(MAX_NODES <= 255 && MAX_NODES as usize == dsm_service::MAX_NODES);
 
 /// The vCPU engine the accelerator runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +111,32 @@ pub const OPTIONS: &[OptionSpec] = &[
         name: "vcpu-map",
         help: "node that runs each vCPU, in vCPU order, separated by ';' or ':' (default: contiguous blocks)",
     },
+    OptionSpec {
+        name: "prefetch",
+        help: "DSM read-ahead for guest RAM, in pages (default 0: off; env FRAGVISOR_DSM_PREFETCH)",
+    },
+    OptionSpec {
+        name: "hot-pages",
+        help: "list the N guest pages with the most DSM faults under the exit summary (default 0: off; env FRAGVISOR_DSM_HOT_PAGES)",
+    },
+    OptionSpec {
+        name: "test-clock-skew-ns",
+        help: "test knob: shift this host's monotonic clock by N ns (default 0; env FRAGVISOR_TEST_CLOCK_SKEW_NS)",
+    },
+    OptionSpec {
+        name: "test-clock-rate-ppm",
+        help: "test knob: run this host's monotonic clock R ppm fast, slow if negative (default 0; env FRAGVISOR_TEST_CLOCK_RATE_PPM)",
+    },
+];
+
+/// The environment variables that stand in for options not given on the
+/// command line: `(option, variable)`. The only place the accelerator reads
+/// its settings from the environment.
+pub const ENV_FALLBACKS: &[(&str, &str)] = &[
+    ("prefetch", "FRAGVISOR_DSM_PREFETCH"),
+    ("hot-pages", "FRAGVISOR_DSM_HOT_PAGES"),
+    ("test-clock-skew-ns", "FRAGVISOR_TEST_CLOCK_SKEW_NS"),
+    ("test-clock-rate-ppm", "FRAGVISOR_TEST_CLOCK_RATE_PPM"),
 ];
 
 /// Why an option value or a whole configuration was refused. The messages
@@ -100,7 +145,7 @@ pub const OPTIONS: &[OptionSpec] = &[
 pub enum ConfigError {
     /// An option name this accelerator does not know.
     #[error(
-        "unknown option '{0}' (valid options: nodes, node-id, peers, key, key-file, peer-timeout-ms, vcpu-map)"
+        "unknown option '{0}' (valid options: nodes, node-id, peers, key, key-file, peer-timeout-ms, vcpu-map, prefetch, hot-pages, test-clock-skew-ns, test-clock-rate-ppm)"
     )]
     UnknownOption(String),
     /// A numeric option whose value is not a number.
@@ -111,11 +156,30 @@ pub enum ConfigError {
         /// Value as given.
         value: String,
     },
+    /// A signed numeric option whose value is not an integer.
+    #[error("{option}={value}: not an integer")]
+    NotAnInteger {
+        /// Option name.
+        option: &'static str,
+        /// Value as given.
+        value: String,
+    },
+    /// An environment variable standing in for an option, with a value the
+    /// option would refuse.
+    #[error("environment variable {var}: {source}")]
+    Environment {
+        /// The variable.
+        var: &'static str,
+        /// Why the option's check refused the value.
+        source: Box<ConfigError>,
+    },
     /// `nodes=0`.
     #[error("nodes=0: a cluster needs at least one node")]
     ZeroNodes,
     /// `nodes` beyond [`MAX_NODES`].
-    #[error("nodes={0}: at most {MAX_NODES} nodes are supported (xAPIC guests)")]
+    #[error(
+        "nodes={0}: at most {MAX_NODES} nodes are supported (the DSM keeps each page's sharers in a {MAX_NODES}-bit set)"
+    )]
     TooManyNodes(u32),
     /// `node-id` outside `0..nodes`.
     #[error("node-id={node_id} is out of range for nodes={nodes} (valid: 0..={max})", max = .nodes - 1)]
@@ -257,9 +321,11 @@ impl fmt::Debug for ClusterKey {
     }
 }
 
-/// A validated cluster configuration.
+/// The validated accelerator options of one host (not the DSM's membership,
+/// which is `dsm_service::ClusterConfig`, derived from this one by the
+/// runtime).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterConfig {
+pub struct AccelConfig {
     /// Engine the options were given to.
     pub engine: Engine,
     /// Hosts in the cluster, `1..=MAX_NODES`.
@@ -275,9 +341,28 @@ pub struct ClusterConfig {
     pub vcpu_map: Vec<u32>,
     /// `peer-timeout-ms`, if given.
     pub peer_timeout_ms: Option<u32>,
+    /// `prefetch`: DSM read-ahead for guest RAM, in pages; 0 is off.
+    ///
+    /// Off by default. A 2-node Linux boot first livelocked with read-ahead
+    /// on; the cause was a lost wake-up in the DSM (a write fault absorbed
+    /// by an outstanding prefetch, fixed since), and 2- and 4-node boots
+    /// pass with `prefetch=64`, but they are not faster and take no fewer
+    /// faults (docs/aggregate-vm.md, "Benchmark"), so it stays off: a
+    /// booting kernel spins next to data that other hosts write, and pages
+    /// fetched ahead take those pages away from their writers.
+    pub prefetch: u32,
+    /// `hot-pages`: count each guest page's DSM faults and list this many
+    /// with the most under the exit summary (a diagnostic for guests whose
+    /// pages move back and forth between hosts); 0 is off.
+    pub hot_pages: u32,
+    /// `test-clock-skew-ns`: test knob, shifts this host's monotonic clock.
+    pub test_clock_skew_ns: i64,
+    /// `test-clock-rate-ppm`: test knob, makes this host's monotonic clock
+    /// run fast (slow if negative).
+    pub test_clock_rate_ppm: i64,
 }
 
-impl ClusterConfig {
+impl AccelConfig {
     /// Whether this host is the origin (node 0: devices and the BSP live here).
     pub fn is_origin(&self) -> bool {
         self.node_id == 0
@@ -304,6 +389,10 @@ pub struct ConfigBuilder {
     key_file: Option<PathBuf>,
     vcpu_map: Option<Vec<u32>>,
     peer_timeout_ms: Option<u32>,
+    prefetch: Option<u32>,
+    hot_pages: Option<u32>,
+    test_clock_skew_ns: Option<i64>,
+    test_clock_rate_ppm: Option<i64>,
 }
 
 /// Peer timeout when `peer-timeout-ms` is not given.
@@ -314,6 +403,16 @@ fn parse_u32(option: &'static str, value: &str) -> Result<u32, ConfigError> {
         .trim()
         .parse::<u32>()
         .map_err(|_| ConfigError::NotANumber {
+            option,
+            value: value.to_string(),
+        })
+}
+
+fn parse_i64(option: &'static str, value: &str) -> Result<i64, ConfigError> {
+    value
+        .trim()
+        .parse::<i64>()
+        .map_err(|_| ConfigError::NotAnInteger {
             option,
             value: value.to_string(),
         })
@@ -369,6 +468,14 @@ impl ConfigBuilder {
                     .collect::<Result<Vec<_>, _>>()?;
                 self.vcpu_map = Some(map);
             }
+            "prefetch" => self.prefetch = Some(parse_u32("prefetch", value)?),
+            "hot-pages" => self.hot_pages = Some(parse_u32("hot-pages", value)?),
+            "test-clock-skew-ns" => {
+                self.test_clock_skew_ns = Some(parse_i64("test-clock-skew-ns", value)?);
+            }
+            "test-clock-rate-ppm" => {
+                self.test_clock_rate_ppm = Some(parse_i64("test-clock-rate-ppm", value)?);
+            }
             _ => return Err(ConfigError::UnknownOption(name.to_string())),
         }
         Ok(())
@@ -395,13 +502,73 @@ impl ConfigBuilder {
                 .unwrap_or(DEFAULT_PEER_TIMEOUT_MS)
                 .to_string(),
             "vcpu-map" => semicolon_list(self.vcpu_map.as_deref().unwrap_or_default()),
+            "prefetch" => self.prefetch.unwrap_or(0).to_string(),
+            "hot-pages" => self.hot_pages.unwrap_or(0).to_string(),
+            "test-clock-skew-ns" => self.test_clock_skew_ns.unwrap_or(0).to_string(),
+            "test-clock-rate-ppm" => self.test_clock_rate_ppm.unwrap_or(0).to_string(),
             _ => return Err(ConfigError::UnknownOption(name.to_string())),
         })
     }
 
     /// Check the options together and produce the configuration. Reads
-    /// `key-file` if one was given.
-    pub fn build(&self, engine: Engine) -> Result<ClusterConfig, ConfigError> {
+    /// `key-file` if one was given, and the [`ENV_FALLBACKS`] of the process
+    /// environment for options not given.
+    pub fn build(&self, engine: Engine) -> Result<AccelConfig, ConfigError> {
+        self.build_with_env(engine, |var| std::env::var_os(var))
+    }
+
+    /// [`ConfigBuilder::build`] with `env` as the environment.
+    pub fn build_with_env(
+        &self,
+        engine: Engine,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<AccelConfig, ConfigError> {
+        let mut with_env = self.clone();
+        with_env.apply_env(env)?;
+        with_env.build_given(engine)
+    }
+
+    /// Takes each option of [`ENV_FALLBACKS`] that was not given from its
+    /// variable, checked as [`ConfigBuilder::set`] checks the option.
+    fn apply_env(
+        &mut self,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<(), ConfigError> {
+        for &(option, var) in ENV_FALLBACKS {
+            if self.is_given(option) {
+                continue;
+            }
+            let Some(raw) = env(var) else { continue };
+            let value = raw.to_str().ok_or_else(|| ConfigError::Environment {
+                var,
+                source: Box::new(ConfigError::BadText(option.to_string())),
+            })?;
+            if value.trim().is_empty() {
+                continue;
+            }
+            self.set(option, value)
+                .map_err(|e| ConfigError::Environment {
+                    var,
+                    source: Box::new(e),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Whether an option of [`ENV_FALLBACKS`] was given.
+    fn is_given(&self, option: &str) -> bool {
+        match option {
+            "prefetch" => self.prefetch.is_some(),
+            "hot-pages" => self.hot_pages.is_some(),
+            "test-clock-skew-ns" => self.test_clock_skew_ns.is_some(),
+            "test-clock-rate-ppm" => self.test_clock_rate_ppm.is_some(),
+            _ => false,
+        }
+    }
+
+    /// [`ConfigBuilder::build`] from the options given, without the
+    /// environment.
+    fn build_given(&self, engine: Engine) -> Result<AccelConfig, ConfigError> {
         let nodes = self.nodes.unwrap_or(1);
         let node_id = self.node_id.unwrap_or(0);
         if node_id >= nodes {
@@ -435,7 +602,7 @@ impl ConfigBuilder {
         let vcpu_map = self.vcpu_map.clone().unwrap_or_default();
         VcpuPlacement::check_map_nodes(nodes, &vcpu_map)?;
 
-        Ok(ClusterConfig {
+        Ok(AccelConfig {
             engine,
             nodes,
             node_id,
@@ -443,6 +610,10 @@ impl ConfigBuilder {
             key,
             vcpu_map,
             peer_timeout_ms: self.peer_timeout_ms,
+            prefetch: self.prefetch.unwrap_or(0),
+            hot_pages: self.hot_pages.unwrap_or(0),
+            test_clock_skew_ns: self.test_clock_skew_ns.unwrap_or(0),
+            test_clock_rate_ppm: self.test_clock_rate_ppm.unwrap_or(0),
         })
     }
 }
@@ -676,7 +847,7 @@ mod tests {
         for opt in OPTIONS {
             assert!(ConfigBuilder::new().get(opt.name).is_ok(), "{}", opt.name);
         }
-        assert_eq!(OPTIONS.len(), 7);
+        assert_eq!(OPTIONS.len(), 11);
     }
 
     #[test]
@@ -712,5 +883,132 @@ mod tests {
             b.set("peer-timeout-ms", "0").unwrap_err().to_string(),
             "peer-timeout-ms=0: the peer timeout must be at least 1 ms"
         );
+    }
+
+    #[test]
+    fn the_dsm_limit_is_checked_when_nodes_is_set() {
+        assert_eq!(MAX_NODES, 64);
+        assert!(ConfigBuilder::new().set("nodes", "64").is_ok());
+        let err = ConfigBuilder::new().set("nodes", "65").unwrap_err();
+        assert_eq!(err, ConfigError::TooManyNodes(65));
+        assert_eq!(
+            err.to_string(),
+            "nodes=65: at most 64 nodes are supported (the DSM keeps each page's sharers in a 64-bit set)"
+        );
+    }
+
+    fn env_of(
+        pairs: &'static [(&'static str, &'static str)],
+    ) -> impl Fn(&str) -> Option<std::ffi::OsString> {
+        move |var| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == var)
+                .map(|(_, v)| std::ffi::OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn tuning_options_default_to_off() {
+        let cfg = ConfigBuilder::new()
+            .build_with_env(Engine::Tcg, env_of(&[]))
+            .unwrap();
+        assert_eq!(
+            (
+                cfg.prefetch,
+                cfg.hot_pages,
+                cfg.test_clock_skew_ns,
+                cfg.test_clock_rate_ppm
+            ),
+            (0, 0, 0, 0)
+        );
+        for name in [
+            "prefetch",
+            "hot-pages",
+            "test-clock-skew-ns",
+            "test-clock-rate-ppm",
+        ] {
+            assert_eq!(ConfigBuilder::new().get(name).unwrap(), "0", "{name}");
+        }
+    }
+
+    #[test]
+    fn tuning_options_are_parsed() {
+        let b = builder(&[
+            ("prefetch", "64"),
+            ("hot-pages", "30"),
+            ("test-clock-skew-ns", "-50000000"),
+            ("test-clock-rate-ppm", "300"),
+        ]);
+        assert_eq!(b.get("test-clock-skew-ns").unwrap(), "-50000000");
+        let cfg = b.build_with_env(Engine::Tcg, env_of(&[])).unwrap();
+        assert_eq!(cfg.prefetch, 64);
+        assert_eq!(cfg.hot_pages, 30);
+        assert_eq!(cfg.test_clock_skew_ns, -50_000_000);
+        assert_eq!(cfg.test_clock_rate_ppm, 300);
+        assert_eq!(
+            ConfigBuilder::new()
+                .set("prefetch", "-1")
+                .unwrap_err()
+                .to_string(),
+            "prefetch=-1: not a non-negative integer"
+        );
+        assert_eq!(
+            ConfigBuilder::new()
+                .set("test-clock-rate-ppm", "fast")
+                .unwrap_err()
+                .to_string(),
+            "test-clock-rate-ppm=fast: not an integer"
+        );
+    }
+
+    #[test]
+    fn environment_stands_in_for_options_not_given() {
+        let env = env_of(&[
+            ("FRAGVISOR_DSM_PREFETCH", "64"),
+            ("FRAGVISOR_DSM_HOT_PAGES", " 30 "),
+            ("FRAGVISOR_TEST_CLOCK_SKEW_NS", "-7"),
+            ("FRAGVISOR_TEST_CLOCK_RATE_PPM", "300"),
+        ]);
+        let cfg = builder(&[("prefetch", "8")])
+            .build_with_env(Engine::Tcg, env)
+            .unwrap();
+        assert_eq!(cfg.prefetch, 8, "the option wins over the variable");
+        assert_eq!(cfg.hot_pages, 30);
+        assert_eq!(cfg.test_clock_skew_ns, -7);
+        assert_eq!(cfg.test_clock_rate_ppm, 300);
+        let cfg = ConfigBuilder::new()
+            .build_with_env(Engine::Tcg, env_of(&[("FRAGVISOR_DSM_PREFETCH", "")]))
+            .unwrap();
+        assert_eq!(cfg.prefetch, 0, "an empty variable is not given");
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_the_variable() {
+        let err = ConfigBuilder::new()
+            .build_with_env(Engine::Tcg, env_of(&[("FRAGVISOR_DSM_HOT_PAGES", "lots")]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable FRAGVISOR_DSM_HOT_PAGES: hot-pages=lots: not a non-negative integer"
+        );
+        let given = builder(&[("test-clock-rate-ppm", "1")]).build_with_env(
+            Engine::Tcg,
+            env_of(&[("FRAGVISOR_TEST_CLOCK_RATE_PPM", "x")]),
+        );
+        assert!(
+            given.is_ok(),
+            "a variable is not read when the option is given"
+        );
+    }
+
+    #[test]
+    fn every_fallback_names_a_listed_option() {
+        for (option, var) in ENV_FALLBACKS {
+            assert!(OPTIONS.iter().any(|o| o.name == *option), "{option}");
+            assert!(var.starts_with("FRAGVISOR_"), "{var}");
+            let help = OPTIONS.iter().find(|o| o.name == *option).unwrap().help;
+            assert!(help.contains(var), "{option}'s help names {var}");
+        }
     }
 }

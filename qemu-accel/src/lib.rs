@@ -5,8 +5,10 @@
 //! them to this crate through the C ABI in `ffi/`. Everything that decides
 //! something lives here, where it is unit-tested:
 //!
-//! - [`config`]: the accelerator options (`nodes`, `node-id`, `peers`, `key`,
-//!   `key-file`), their parsing and the cross-field validation;
+//! - [`config`]: the accelerator options ([`AccelConfig`]: `nodes`,
+//!   `node-id`, `peers`, `key`, `key-file`, ..., and the environment
+//!   variables that stand in for some), their parsing and the cross-field
+//!   validation;
 //! - [`placement`]: which cluster node runs which vCPU;
 //! - [`runtime`]: the per-host runtime of an aggregate VM (DSM, I/O and
 //!   interrupt forwarding, lifecycle, failure);
@@ -20,6 +22,6 @@ pub mod placement;
 pub mod runtime;
 
 pub use config::{
-    ClusterConfig, ClusterKey, ConfigBuilder, ConfigError, Engine, OptionSpec, PeerAddr, OPTIONS,
+    AccelConfig, ClusterKey, ConfigBuilder, ConfigError, Engine, OptionSpec, PeerAddr, OPTIONS,
 };
 pub use placement::{PlacementError, VcpuPlacement};

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use dsm_service::home::HomeMap;
 use qemu_accel::runtime::{
-    dsm_config, ApicState, Host, IoAccess, IoSpace, Irq, IrqKind, Lifecycle, Runtime,
+    ApicState, Host, IoAccess, IoSpace, Irq, IrqKind, Lifecycle, Runtime, RuntimeConfig,
 };
-use qemu_accel::{ClusterConfig, ClusterKey, Engine, PeerAddr, VcpuPlacement};
+use qemu_accel::{AccelConfig, ClusterKey, Engine, PeerAddr, VcpuPlacement};
 
 #[derive(Default)]
 struct Recorder {
@@ -104,7 +104,7 @@ fn pair() -> (Side, Side) {
         })
         .collect();
     let start = |id: u32| {
-        let cfg = ClusterConfig {
+        let cfg = AccelConfig {
             engine: Engine::Tcg,
             nodes: 2,
             node_id: id,
@@ -112,15 +112,19 @@ fn pair() -> (Side, Side) {
             key: Some(ClusterKey::new(b"runtime-test-key-0123".to_vec(), "key").unwrap()),
             vcpu_map: vec![],
             peer_timeout_ms: None,
+            prefetch: 0,
+            hot_pages: 0,
+            test_clock_skew_ns: 0,
+            test_clock_rate_ppm: 0,
         };
         let host = Arc::new(Recorder::default());
         let h2: Arc<dyn Host> = host.clone();
         std::thread::spawn(move || {
-            let dsm = dsm_config(&cfg, Duration::from_secs(5)).unwrap();
+            let config = RuntimeConfig::new(&cfg, Duration::from_secs(5)).unwrap();
             let placement = VcpuPlacement::contiguous(2, 2).unwrap();
             let base = region(16);
             let rt = Runtime::start(
-                &dsm,
+                &config,
                 placement,
                 &[("ram", base, 16 * 4096)],
                 HomeMap::all_on(0),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::LaunchError;
-use crate::config::{Engine, PeerAddr, MAX_NODES};
+use crate::config::{ConfigError, Engine, PeerAddr, MAX_NODES};
 use crate::placement::VcpuPlacement;
 
 /// Kernel command line used when a kernel is given without `append`.
@@ -214,7 +214,7 @@ pub struct Overrides {
 /// A complete, checked description of an aggregate VM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmSpec {
-    /// Hosts in the cluster, `1..=255`.
+    /// Hosts in the cluster, `1..=MAX_NODES`.
     pub nodes: u32,
     /// Engine on every node.
     pub engine: Engine,
@@ -279,9 +279,7 @@ impl VmSpec {
             return usage("nodes=0: an aggregate VM needs at least one node".into());
         }
         if nodes > MAX_NODES {
-            return usage(format!(
-                "nodes={nodes}: at most {MAX_NODES} nodes are supported"
-            ));
+            return usage(ConfigError::TooManyNodes(nodes).to_string());
         }
         if !hosts.is_empty() && hosts.len() != nodes as usize {
             return usage(format!(

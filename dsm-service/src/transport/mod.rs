@@ -8,6 +8,7 @@
 
 pub mod handshake;
 mod mesh;
+mod peers;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;

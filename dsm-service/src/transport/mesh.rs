@@ -56,6 +56,14 @@ pub(crate) fn already_connected(peer: NodeId) -> String {
     format!("node {peer} is already connected")
 }
 
+/// The error of a link set up for a `peer` that already has one.
+pub(crate) fn already_connected_error(peer: NodeId) -> TransportError {
+    TransportError::Refused {
+        peer,
+        reason: already_connected(peer),
+    }
+}
+
 /// What the mesh needs from a transport's internals.
 pub(crate) trait MeshSide: Send + Sync + 'static {
     /// The transport's per-peer link.
@@ -78,6 +86,14 @@ pub(crate) trait MeshSide: Send + Sync + 'static {
     fn abort(&self);
 }
 
+/// Starts a transport thread named `name` (a thread that cannot be started
+/// is a broken host: that panics, naming the thread).
+pub(crate) fn spawn(name: String, f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = thread::Builder::new().name(name.clone()).spawn(f) {
+        panic!("cannot start thread {name}: {e}");
+    }
+}
+
 /// Binds this node's listen address.
 pub(crate) fn listen(cfg: &ClusterConfig) -> Result<TcpListener, TransportError> {
     let addr = cfg.addrs[usize::from(cfg.node_id)];
@@ -96,26 +112,22 @@ pub(crate) fn start<S: MeshSide>(
     {
         let side = side.clone();
         let handshake_thread = format!("fv-{tag}handshake");
-        thread::Builder::new()
-            .name(format!("fv-{tag}accept-{me}"))
-            .spawn(move || {
-                let s = side.clone();
-                accept_loop(
-                    listener,
-                    side.peers().stop_flag(),
-                    me,
-                    &handshake_thread,
-                    move |stream, from| accept_one(&s, stream, from),
-                )
-            })
-            .expect("spawn acceptor");
+        spawn(format!("fv-{tag}accept-{me}"), move || {
+            let s = side.clone();
+            accept_loop(
+                listener,
+                side.peers().stop_flag(),
+                me,
+                &handshake_thread,
+                move |stream, from| accept_one(&s, stream, from),
+            )
+        });
     }
     {
         let side = side.clone();
-        thread::Builder::new()
-            .name(format!("fv-{tag}heartbeat-{me}"))
-            .spawn(move || heartbeat_loop(&*side))
-            .expect("spawn heartbeat");
+        spawn(format!("fv-{tag}heartbeat-{me}"), move || {
+            heartbeat_loop(&*side)
+        });
     }
     establish(side, tag)
 }
@@ -130,15 +142,12 @@ fn establish<S: MeshSide>(side: &Arc<S>, tag: &str) -> Result<(), TransportError
     for peer in 0..me {
         let side = side.clone();
         let err_tx = err_tx.clone();
-        thread::Builder::new()
-            .name(format!("fv-{tag}dial-{me}-{peer}"))
-            .spawn(move || {
-                if let Err(e) = dial(&side, peer, deadline) {
-                    let _ = err_tx.send(e);
-                    side.peers().up().1.notify_all();
-                }
-            })
-            .expect("spawn dialer");
+        spawn(format!("fv-{tag}dial-{me}-{peer}"), move || {
+            if let Err(e) = dial(&side, peer, deadline) {
+                let _ = err_tx.send(e);
+                side.peers().up().1.notify_all();
+            }
+        });
     }
     drop(err_tx);
     let (up_lock, up_cv) = side.peers().up();
@@ -197,12 +206,7 @@ fn dial<S: MeshSide>(side: &Arc<S>, peer: NodeId, deadline: Instant) -> Result<(
         match side.dial_bootstrap(stream, peer) {
             Ok(()) => return Ok(()),
             Err(BootstrapError::Local(e)) => return Err(e),
-            Err(BootstrapError::AlreadyConnected(p)) => {
-                return Err(TransportError::Refused {
-                    peer: p,
-                    reason: already_connected(p),
-                })
-            }
+            Err(BootstrapError::AlreadyConnected(p)) => return Err(already_connected_error(p)),
             Err(BootstrapError::Handshake(HandshakeError::Rejected(reason))) => {
                 return Err(TransportError::Refused { peer, reason })
             }

@@ -15,7 +15,6 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -229,17 +228,15 @@ impl Inner {
         {
             let inner = self.clone();
             let link = link.clone();
-            thread::Builder::new()
-                .name(format!("fv-rx-{me}-{peer}"))
-                .spawn(move || inner.receive_loop(&link, reader))
-                .expect("spawn receiver");
+            mesh::spawn(format!("fv-rx-{me}-{peer}"), move || {
+                inner.receive_loop(&link, reader)
+            });
         }
         {
             let inner = self.clone();
-            thread::Builder::new()
-                .name(format!("fv-tx-{me}-{peer}"))
-                .spawn(move || inner.writer_loop(&link))
-                .expect("spawn writer");
+            mesh::spawn(format!("fv-tx-{me}-{peer}"), move || {
+                inner.writer_loop(&link)
+            });
         }
         debug!(node = me, peer, "link up");
         self.peers.link_up();

@@ -8,7 +8,6 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use ibverbs::{PreparedQueuePair, QueuePairEndpoint};
@@ -21,7 +20,7 @@ use super::poll::RxState;
 use super::wire::RDMA_WIRE_VERSION;
 use super::{Inner, Link, RECV_DEPTH, SEND_SLOTS, SLOT_BYTES};
 use crate::transport::handshake::{self, Expect, HandshakeError};
-use crate::transport::mesh::{already_connected, BootstrapError};
+use crate::transport::mesh::{self, already_connected_error, BootstrapError};
 use crate::transport::peers::{self, LinkState};
 use crate::transport::{PeerDown, TransportError};
 use crate::NodeId;
@@ -154,10 +153,7 @@ impl Inner {
         let (peer, prepared, theirs) =
             bootstrap_accept(&mut stream, &cfg.key, &Expect::for_node(cfg), |peer| {
                 if self.peers.linked(peer) {
-                    return Err(TransportError::Refused {
-                        peer,
-                        reason: already_connected(peer),
-                    });
+                    return Err(already_connected_error(peer));
                 }
                 self.prepare()
             })?;
@@ -243,10 +239,7 @@ impl Inner {
             }
         }
         if !self.peers.install(link.clone()) {
-            return Err(TransportError::Refused {
-                peer,
-                reason: already_connected(peer),
-            });
+            return Err(already_connected_error(peer));
         }
         if let Err(source) = exchange_ready(&mut stream) {
             // Never reported up, so no peer-down event either.
@@ -261,10 +254,9 @@ impl Inner {
         {
             let inner = self.clone();
             let link = link.clone();
-            thread::Builder::new()
-                .name(format!("fv-rdma-watch-{me}-{peer}"))
-                .spawn(move || inner.watch_loop(&link, stream))
-                .expect("spawn watcher");
+            mesh::spawn(format!("fv-rdma-watch-{me}-{peer}"), move || {
+                inner.watch_loop(&link, stream)
+            });
         }
         debug!(node = me, peer, device = %self.verbs.name, "RDMA link up");
         self.peers.link_up();
@@ -303,6 +295,7 @@ mod tests {
     use super::*;
     use ibverbs::Gid;
     use std::os::unix::net::UnixStream;
+    use std::thread;
 
     fn info() -> QpInfo {
         QpInfo::new(QueuePairEndpoint {

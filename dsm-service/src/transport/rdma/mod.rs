@@ -45,7 +45,6 @@ mod wire;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use ibverbs::QueuePair;
@@ -111,10 +110,7 @@ impl RdmaTransport {
         });
         {
             let inner = inner.clone();
-            thread::Builder::new()
-                .name(format!("fv-rdma-poll-{me}"))
-                .spawn(move || inner.poll_loop())
-                .expect("spawn poller");
+            mesh::spawn(format!("fv-rdma-poll-{me}"), move || inner.poll_loop());
         }
         mesh::start(&inner, listener, "rdma-")?;
         info!(node = me, peers = n - 1, "RDMA cluster mesh is up");

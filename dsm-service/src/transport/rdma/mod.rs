@@ -2,7 +2,7 @@
 //! failure semantics as [`super::tcp::TcpTransport`], with the frames carried
 //! by two-sided SEND/RECV on reliable-connected (RC) queue pairs.
 //!
-//! * **Bootstrap** ([`bootstrap`]). Each pair of nodes first connects over
+//! * **Bootstrap** (`bootstrap.rs`). Each pair of nodes first connects over
 //!   TCP to the same addresses as the TCP transport (the higher id dials the
 //!   lower one) and runs the versioned, authenticated handshake of
 //!   [`super::handshake`]. Only once the peer has proven the cluster key does
@@ -10,14 +10,14 @@
 //!   are then traded over that authenticated connection. A stranger never
 //!   learns a QP number, and the queue pairs allow no remote memory access
 //!   (local write only).
-//! * **Data** ([`wire`]). A frame (channel byte + payload, at most
+//! * **Data** (`wire.rs`). A frame (channel byte + payload, at most
 //!   `max_frame` bytes) is cut into fragments of at most [`SLOT_BYTES`] bytes
 //!   including an 8-byte header, copied into a registered send slot and
 //!   posted as one SEND. The receiver keeps [`RECV_DEPTH`] registered receive
-//!   buffers posted per peer; one poller thread per transport ([`poll`])
+//!   buffers posted per peer; one poller thread per transport (`poll.rs`)
 //!   polls the shared completion queue, reassembles frames, calls
 //!   [`FrameSink::on_frame`] and reposts buffers.
-//! * **Flow control** ([`flow`]). Credits: a sender starts with
+//! * **Flow control** (`flow.rs`). Credits: a sender starts with
 //!   [`RECV_DEPTH`] credits, each SEND costs one, and the receiver returns one
 //!   per reposted buffer, piggybacked on its own traffic or in a credit-only
 //!   message once half the window is owed. Data keeps one credit in reserve
@@ -33,7 +33,7 @@
 //!   connection stays open for that, and carries the goodbye of a clean exit
 //!   ([`PeerDown::Left`]) after the node's queued frames have been delivered.
 //!
-//! The device, protection domain and completion queue are [`device`]'s.
+//! The device, protection domain and completion queue are `device.rs`'s.
 //! `transport/WIRE.md` documents the bytes.
 
 mod bootstrap;

@@ -62,6 +62,7 @@ impl RxState {
 }
 
 impl Inner {
+    /// The poller thread: runs until the transport stops.
     pub(super) fn poll_loop(self: Arc<Self>) {
         let mut wcs = vec![ibverbs::ibv_wc::default(); 64];
         let mut touched = vec![false; self.peers.cfg.nodes()];

@@ -5,9 +5,16 @@
 //!
 //! * [`tcp::TcpTransport`]: TCP, always available and always tested;
 //! * `rdma::RdmaTransport` (feature `rdma`): InfiniBand/RoCE verbs.
+//!
+//! Both are built on the same pieces: `mesh.rs` brings the full mesh up (the
+//! dialing rule, the accept loop, the dialers, the heartbeat thread) and
+//! `peers.rs` keeps what every transport knows about its peers (the link
+//! table and each link's life, `LINK` frames, frame-size checks, peer-down
+//! reports, counters); [`handshake`] authenticates every connection.
 
 pub mod handshake;
 mod mesh;
+mod peers;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;

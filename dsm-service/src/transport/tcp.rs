@@ -11,28 +11,19 @@
 
 use std::collections::VecDeque;
 use std::io::{self, BufReader, Read};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::thread;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use super::handshake::{self, Expect, HandshakeError};
-use super::mesh::{self, MeshSide};
+use super::handshake::{self, Expect};
+use super::mesh::{self, BootstrapError, MeshSide};
+use super::peers::{self, LinkState, PeerLink, Peers, LEAVE_DRAIN, LINK_GOODBYE, LINK_HEARTBEAT};
 use super::{channel, FrameSink, PeerDown, Transport, TransportError};
 use crate::{ClusterConfig, NodeId};
-
-use super::handshake::HANDSHAKE_TIMEOUT;
-
-const LINK_HEARTBEAT: u8 = 0;
-const LINK_GOODBYE: u8 = 1;
-
-const ALIVE: u8 = 0;
-const LEFT: u8 = 1;
-const DOWN: u8 = 2;
 
 /// A full-mesh TCP transport.
 pub struct TcpTransport {
@@ -42,22 +33,13 @@ pub struct TcpTransport {
 impl std::fmt::Debug for TcpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpTransport")
-            .field("node", &self.inner.cfg.node_id)
+            .field("node", &self.inner.peers.me())
             .finish()
     }
 }
 
 struct Inner {
-    cfg: ClusterConfig,
-    links: Vec<OnceLock<Arc<Link>>>,
-    sink: Arc<dyn FrameSink>,
-    stopping: AtomicBool,
-    up: Mutex<usize>,
-    up_cv: Condvar,
-    /// Connections refused since start (strangers, bad frames, wrong keys).
-    refused: AtomicU64,
-    bytes_sent: AtomicU64,
-    bytes_received: AtomicU64,
+    peers: Peers<Link>,
 }
 
 struct Link {
@@ -65,7 +47,17 @@ struct Link {
     stream: TcpStream,
     out: Mutex<OutQueue>,
     out_cv: Condvar,
-    state: AtomicU8,
+    state: LinkState,
+}
+
+impl PeerLink for Link {
+    fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    fn state(&self) -> &LinkState {
+        &self.state
+    }
 }
 
 #[derive(Default)]
@@ -82,65 +74,37 @@ impl TcpTransport {
         cfg: &ClusterConfig,
         sink: Arc<dyn FrameSink>,
     ) -> Result<Arc<TcpTransport>, TransportError> {
-        let me = cfg.node_id;
-        let n = cfg.nodes();
-        let listener = TcpListener::bind(cfg.addrs[usize::from(me)]).map_err(|source| {
-            TransportError::Listen {
-                addr: cfg.addrs[usize::from(me)],
-                source,
-            }
-        })?;
+        let listener = mesh::listen(cfg)?;
         let inner = Arc::new(Inner {
-            cfg: cfg.clone(),
-            links: (0..n).map(|_| OnceLock::new()).collect(),
-            sink,
-            stopping: AtomicBool::new(false),
-            up: Mutex::new(0),
-            up_cv: Condvar::new(),
-            refused: AtomicU64::new(0),
-            bytes_sent: AtomicU64::new(0),
-            bytes_received: AtomicU64::new(0),
+            peers: Peers::new(cfg, sink),
         });
-        {
-            let inner = inner.clone();
-            thread::Builder::new()
-                .name(format!("fv-accept-{me}"))
-                .spawn(move || inner.accept_loop(listener))
-                .expect("spawn acceptor");
-        }
-        {
-            let inner2 = inner.clone();
-            thread::Builder::new()
-                .name(format!("fv-heartbeat-{me}"))
-                .spawn(move || inner2.heartbeat_loop())
-                .expect("spawn heartbeat");
-        }
-        mesh::establish(&inner, cfg, "")?;
-        info!(node = me, peers = n - 1, "cluster mesh is up");
+        mesh::start(&inner, listener, "")?;
+        info!(
+            node = cfg.node_id,
+            peers = cfg.nodes() - 1,
+            "cluster mesh is up"
+        );
         Ok(Arc::new(TcpTransport { inner }))
     }
 
     /// Connections refused so far (strangers, malformed frames, wrong keys).
     pub fn refused_connections(&self) -> u64 {
-        self.inner.refused.load(Ordering::Relaxed)
+        self.inner.peers.refused_connections()
     }
 
     /// Bytes sent and received on all links, frame headers included.
     pub fn bytes(&self) -> (u64, u64) {
-        (
-            self.inner.bytes_sent.load(Ordering::Relaxed),
-            self.inner.bytes_received.load(Ordering::Relaxed),
-        )
+        self.inner.peers.bytes()
     }
 }
 
 impl Transport for TcpTransport {
     fn local_id(&self) -> NodeId {
-        self.inner.cfg.node_id
+        self.inner.peers.me()
     }
 
     fn nodes(&self) -> usize {
-        self.inner.cfg.nodes()
+        self.inner.peers.cfg.nodes()
     }
 
     fn send(&self, to: NodeId, channel: u8, payload: &[u8]) -> Result<(), TransportError> {
@@ -159,16 +123,36 @@ impl Drop for TcpTransport {
 }
 
 impl MeshSide for Inner {
-    fn dial(self: &Arc<Self>, peer: NodeId, deadline: Instant) -> Result<(), TransportError> {
-        Inner::dial(self, peer, deadline)
+    type Link = Link;
+
+    fn peers(&self) -> &Peers<Link> {
+        &self.peers
     }
 
-    fn linked(&self, peer: NodeId) -> bool {
-        self.links[usize::from(peer)].get().is_some()
+    fn dial_bootstrap(
+        self: &Arc<Self>,
+        mut stream: TcpStream,
+        peer: NodeId,
+    ) -> Result<(), BootstrapError> {
+        let cfg = &self.peers.cfg;
+        handshake::dial(&mut stream, &cfg.key, &Expect::for_node(cfg), peer)?;
+        self.install(peer, stream);
+        Ok(())
     }
 
-    fn up(&self) -> (&Mutex<usize>, &Condvar) {
-        (&self.up, &self.up_cv)
+    fn accept_bootstrap(self: &Arc<Self>, mut stream: TcpStream) -> Result<(), BootstrapError> {
+        let cfg = &self.peers.cfg;
+        let peer = handshake::accept(&mut stream, &cfg.key, &Expect::for_node(cfg))?;
+        if self.peers.linked(peer) {
+            handshake::send_reject(&mut stream, &mesh::already_connected(peer));
+            return Err(BootstrapError::AlreadyConnected(peer));
+        }
+        self.install(peer, stream);
+        Ok(())
+    }
+
+    fn heartbeat(&self, link: &Arc<Link>) {
+        let _ = self.send(link.peer, channel::LINK, &[LINK_HEARTBEAT]);
     }
 
     fn abort(&self) {
@@ -177,31 +161,15 @@ impl MeshSide for Inner {
 }
 
 impl Inner {
-    fn link(&self, to: NodeId) -> Result<&Arc<Link>, TransportError> {
-        let link = self
-            .links
-            .get(usize::from(to))
-            .and_then(|l| l.get())
-            .ok_or(TransportError::PeerDown(to))?;
-        if link.state.load(Ordering::Acquire) != ALIVE {
-            return Err(TransportError::PeerDown(to));
-        }
-        Ok(link)
-    }
-
     fn send(&self, to: NodeId, ch: u8, payload: &[u8]) -> Result<(), TransportError> {
-        let len = payload.len() + 1;
-        if len > self.cfg.max_frame {
-            return Err(TransportError::FrameTooLarge {
-                len,
-                max: self.cfg.max_frame,
-            });
-        }
-        let link = self.link(to)?;
+        let len = self.peers.frame_len(payload)?;
+        let link = self.peers.alive(to)?;
         let mut hdr = [0u8; 5];
         hdr[..4].copy_from_slice(&(len as u32).to_le_bytes());
         hdr[4] = ch;
-        self.bytes_sent.fetch_add(len as u64 + 4, Ordering::Relaxed);
+        self.peers
+            .bytes_sent
+            .fetch_add(len as u64 + 4, Ordering::Relaxed);
         let mut q = link.out.lock().expect("lock");
         if q.closed {
             return Err(TransportError::PeerDown(to));
@@ -235,106 +203,15 @@ impl Inner {
         Ok(())
     }
 
-    fn accept_loop(self: Arc<Self>, listener: TcpListener) {
-        let node = self.cfg.node_id;
-        let inner = self.clone();
-        mesh::accept_loop(
-            listener,
-            &self.stopping,
-            node,
-            "fv-handshake",
-            move |stream, from| inner.clone().accept_one(stream, from),
-        );
-    }
-
-    fn accept_one(self: Arc<Self>, mut stream: TcpStream, from: SocketAddr) {
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-        let exp = Expect::for_node(&self.cfg);
-        let result = handshake::accept(&mut stream, &self.cfg.key, &exp);
-        match result {
-            Ok(peer) => {
-                if self.links[usize::from(peer)].get().is_some() {
-                    mesh::refuse(
-                        &self.refused,
-                        self.cfg.node_id,
-                        from,
-                        &format!("node {peer} is already connected"),
-                    );
-                    handshake::send_reject(
-                        &mut stream,
-                        &format!("node {peer} is already connected"),
-                    );
-                    return;
-                }
-                self.install(peer, stream);
-            }
-            Err(e) => mesh::refuse(
-                &self.refused,
-                self.cfg.node_id,
-                from,
-                &handshake::refusal_reason(&e),
-            ),
-        }
-    }
-
-    fn dial(self: &Arc<Self>, peer: NodeId, deadline: Instant) -> Result<(), TransportError> {
-        let addr = self.cfg.addrs[usize::from(peer)];
-        loop {
-            if self.stopping.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            let attempt = TcpStream::connect_timeout(&addr, Duration::from_millis(500));
-            let mut stream = match attempt {
-                Ok(s) => s,
-                Err(e) => {
-                    if Instant::now() >= deadline {
-                        return Err(TransportError::ConnectTimeout {
-                            secs: self.cfg.connect_timeout.as_secs(),
-                            missing: vec![peer],
-                        });
-                    }
-                    debug!(node = self.cfg.node_id, peer, error = %e, "peer not up yet");
-                    thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-            };
-            let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-            let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-            match handshake::dial(
-                &mut stream,
-                &self.cfg.key,
-                &Expect::for_node(&self.cfg),
-                peer,
-            ) {
-                Ok(()) => {
-                    self.install(peer, stream);
-                    return Ok(());
-                }
-                Err(HandshakeError::Rejected(reason)) => {
-                    return Err(TransportError::Refused { peer, reason })
-                }
-                Err(source @ (HandshakeError::Io(_) | HandshakeError::Truncated { .. })) => {
-                    // The peer restarted or closed early: retry until the deadline.
-                    if Instant::now() >= deadline {
-                        return Err(TransportError::Handshake { peer, source });
-                    }
-                    thread::sleep(Duration::from_millis(50));
-                }
-                Err(source) => return Err(TransportError::Handshake { peer, source }),
-            }
-        }
-    }
-
     fn install(self: &Arc<Self>, peer: NodeId, stream: TcpStream) {
+        let me = self.peers.me();
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(None);
-        let _ = stream.set_read_timeout(Some(self.cfg.peer_timeout));
+        let _ = stream.set_read_timeout(Some(self.peers.cfg.peer_timeout));
         let reader = match stream.try_clone() {
             Ok(r) => r,
             Err(e) => {
-                warn!(node = self.cfg.node_id, peer, error = %e, "cannot clone socket");
+                warn!(node = me, peer, error = %e, "cannot clone socket");
                 return;
             }
         };
@@ -343,86 +220,58 @@ impl Inner {
             stream,
             out: Mutex::new(OutQueue::default()),
             out_cv: Condvar::new(),
-            state: AtomicU8::new(ALIVE),
+            state: LinkState::default(),
         });
-        if self.links[usize::from(peer)].set(link.clone()).is_err() {
+        if !self.peers.install(link.clone()) {
             return;
         }
-        let me = self.cfg.node_id;
         {
             let inner = self.clone();
             let link = link.clone();
-            thread::Builder::new()
-                .name(format!("fv-rx-{me}-{peer}"))
-                .spawn(move || inner.receive_loop(&link, reader))
-                .expect("spawn receiver");
+            mesh::spawn(format!("fv-rx-{me}-{peer}"), move || {
+                inner.receive_loop(&link, reader)
+            });
         }
         {
             let inner = self.clone();
-            thread::Builder::new()
-                .name(format!("fv-tx-{me}-{peer}"))
-                .spawn(move || inner.writer_loop(&link))
-                .expect("spawn writer");
+            mesh::spawn(format!("fv-tx-{me}-{peer}"), move || {
+                inner.writer_loop(&link)
+            });
         }
         debug!(node = me, peer, "link up");
-        *self.up.lock().expect("lock") += 1;
-        self.up_cv.notify_all();
+        self.peers.link_up();
     }
 
     fn receive_loop(&self, link: &Link, reader: TcpStream) {
+        let max = self.peers.cfg.max_frame;
         let mut r = BufReader::with_capacity(256 << 10, reader);
         let mut body = Vec::new();
         let why = loop {
-            match read_frame(&mut r, &mut body, self.cfg.max_frame) {
+            match read_frame(&mut r, &mut body, max) {
                 Ok(()) => {}
-                Err(PeerDown::Silent(_)) => break PeerDown::Silent(self.cfg.peer_timeout),
+                Err(PeerDown::Silent(_)) => break PeerDown::Silent(self.peers.cfg.peer_timeout),
                 Err(e) => break e,
             }
-            self.bytes_received
+            self.peers
+                .bytes_received
                 .fetch_add(body.len() as u64 + 4, Ordering::Relaxed);
-            let ch = body[0];
-            if ch == channel::LINK {
-                match body.get(1) {
-                    Some(&LINK_HEARTBEAT) => {}
-                    Some(&LINK_GOODBYE) => {
-                        link.state.store(LEFT, Ordering::Release);
-                    }
-                    _ => break PeerDown::ProtocolError("malformed link frame".into()),
-                }
-                continue;
+            if let Err(e) = self.peers.deliver(link, &body) {
+                break e;
             }
-            self.sink.on_frame(link.peer, ch, &body[1..]);
-        };
-        let why = if link.state.load(Ordering::Acquire) == LEFT {
-            PeerDown::Left
-        } else {
-            why
         };
         self.link_failed(link, why);
     }
 
     fn link_failed(&self, link: &Link, why: PeerDown) {
-        let prev = link.state.swap(DOWN, Ordering::AcqRel);
-        if prev == DOWN {
-            return;
-        }
-        let why = if prev == LEFT { PeerDown::Left } else { why };
-        {
-            let mut q = link.out.lock().expect("lock");
-            q.closed = true;
-            q.bufs.clear();
-        }
-        link.out_cv.notify_all();
-        let _ = link.stream.shutdown(Shutdown::Both);
-        if self.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        if why == PeerDown::Left {
-            info!(node = self.cfg.node_id, peer = link.peer, "peer left");
-        } else {
-            warn!(node = self.cfg.node_id, peer = link.peer, %why, "peer failed");
-        }
-        self.sink.on_peer_down(link.peer, why);
+        self.peers.report_down(link, why, || {
+            {
+                let mut q = link.out.lock().expect("lock");
+                q.closed = true;
+                q.bufs.clear();
+            }
+            link.out_cv.notify_all();
+            let _ = link.stream.shutdown(Shutdown::Both);
+        });
     }
 
     fn writer_loop(&self, link: &Link) {
@@ -448,38 +297,23 @@ impl Inner {
         }
     }
 
-    fn heartbeat_loop(&self) {
-        let period = (self.cfg.peer_timeout / 4).max(Duration::from_millis(20));
-        while !self.stopping.load(Ordering::Acquire) {
-            thread::sleep(period);
-            for peer in 0..self.cfg.nodes() as NodeId {
-                if peer != self.cfg.node_id && self.link(peer).is_ok() {
-                    let _ = self.send(peer, channel::LINK, &[LINK_HEARTBEAT]);
-                }
-            }
-        }
-    }
-
+    /// Leaves cleanly: queues a goodbye for every live peer, then lets the
+    /// writer threads drain what is queued (up to 2 s).
     fn stop(&self) {
-        if self.stopping.swap(true, Ordering::AcqRel) {
+        if !self.peers.begin_stop() {
             return;
         }
-        for l in self.links.iter().filter_map(|l| l.get()) {
-            if l.state.load(Ordering::Acquire) == ALIVE {
+        for l in self.peers.installed() {
+            if l.state.is_alive() {
                 let _ = self.send(l.peer, channel::LINK, &[LINK_GOODBYE]);
             }
         }
-        // Let the writer threads drain what is queued (goodbyes included).
-        let deadline = Instant::now() + Duration::from_secs(2);
-        for l in self.links.iter().filter_map(|l| l.get()) {
-            while Instant::now() < deadline {
+        let deadline = Instant::now() + LEAVE_DRAIN;
+        for l in self.peers.installed() {
+            peers::wait_until(deadline, Duration::from_millis(2), || {
                 let q = l.out.lock().expect("lock");
-                if q.closed || (q.bufs.is_empty() && !q.writer_busy) {
-                    break;
-                }
-                drop(q);
-                thread::sleep(Duration::from_millis(2));
-            }
+                q.closed || (q.bufs.is_empty() && !q.writer_busy)
+            });
             let _ = l.stream.shutdown(Shutdown::Write);
         }
     }
@@ -490,11 +324,7 @@ fn read_frame(r: &mut impl Read, body: &mut Vec<u8>, max: usize) -> Result<(), P
     let mut hdr = [0u8; 4];
     read_exact(r, &mut hdr)?;
     let len = u32::from_le_bytes(hdr) as usize;
-    if len == 0 || len > max {
-        return Err(PeerDown::ProtocolError(format!(
-            "frame length {len} outside 1..={max}"
-        )));
-    }
+    peers::check_frame_len(len, max).map_err(PeerDown::ProtocolError)?;
     body.resize(len, 0);
     read_exact(r, body)
 }

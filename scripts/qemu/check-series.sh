@@ -16,8 +16,10 @@
 # must declare every one it calls, so an implicit declaration fails a step.
 #
 # Per patch: whether it applies (patch -p1 --forward, as build-qemu.sh does;
-# an offset or fuzz is reported), the ninja result and time, the compiler
-# warnings of the step, and the accelerators the binary lists.
+# an offset or fuzz is reported), whether it removes a line that an earlier
+# patch added (the series must only build on itself, not rewrite itself),
+# the ninja result and time, the compiler warnings of the step, and the
+# accelerators the binary lists.
 #
 # Usage: scripts/qemu/check-series.sh [LAST]   check patches 1..LAST (default: all)
 # Env:
@@ -25,8 +27,8 @@
 #   FV_CHECK_TREE    scratch directory (default $FV_CACHE/qemu/check-series);
 #                    emptied at the start, kept afterwards for inspection
 # The last line of stdout says how many prefixes built. Exit status 0 only
-# if every checked patch applied cleanly and built without an error or an
-# implicit function declaration.
+# if every checked patch applied, rewrote nothing of an earlier patch and
+# built without an error or an implicit function declaration.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../lib/common.sh
@@ -55,6 +57,38 @@ fv_log "building the Rust library (cargo build --release -p fragvisor-ffi)"
 target_dir=${CARGO_TARGET_DIR:-$FV_ROOT/target}
 case "$target_dir" in /*) ;; *) target_dir="$FV_ROOT/$target_dir" ;; esac
 [ -f "$target_dir/release/libfragvisor_ffi.a" ] || fv_die "no libfragvisor_ffi.a after cargo build"
+
+# Lines that a patch removes although an earlier patch of the series added
+# them (same file, same text; blank lines and lone braces are not counted):
+# "NAME COUNT" for every patch.
+rewrites() {
+    awk '
+        FNR == 1 {
+            if (NR > 1) flush()
+            in_diff = 0; n = 0; hits = 0
+            name = FILENAME; sub(".*/", "", name); sub("\\.patch$", "", name)
+        }
+        /^diff --git / { in_diff = 1; next }
+        !in_diff { next }
+        /^\+\+\+ / { file = substr($0, 7); next }
+        /^--- / || /^-- $/ { next }
+        /^[+-]/ {
+            text = substr($0, 2)
+            if (text ~ /^[[:space:]{}();]*$/) next
+            if (substr($0, 1, 1) == "+") { mine[n++] = file SUBSEP text }
+            else if ((file SUBSEP text) in added) hits++
+        }
+        function flush(  i) {
+            printf "%s %d\n", name, hits
+            for (i = 0; i < n; i++) added[mine[i]] = 1
+        }
+        END { if (NR > 0) flush() }
+    ' "$@"
+}
+declare -A rewritten
+while read -r name count; do
+    rewritten[$name]=$count
+done < <(rewrites "${patches[@]:0:$last}")
 
 rm -rf "$scratch"
 mkdir -p "$scratch/ffi/include" "$scratch/logs"
@@ -87,6 +121,11 @@ for ((i = 0; i < last; i++)); do
     printf '%s\n' "$out" > "$log"
     if grep -qE 'offset|fuzz' <<<"$out"; then
         note+=", applied with offset/fuzz"
+    fi
+    if [ "${rewritten[$name]:-0}" -gt 0 ]; then
+        results+=("FAIL  $name: removes ${rewritten[$name]} line(s) that an earlier patch added")
+        failed=$name
+        break
     fi
 
     if ! $configured; then

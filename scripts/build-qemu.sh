@@ -17,6 +17,8 @@
 # The LAST line of stdout is the absolute path of qemu-system-x86_64; all
 # progress goes to stderr, the compiler output to <build tree>/build.log.
 #
+# With --configure-flags it only prints the configure flags, one a line.
+#
 # Env:
 #   FRAGVISOR_CACHE   cache root (default ~/.cache/fragvisor)
 #   CARGO_TARGET_DIR  honoured for the Rust library (default <repo>/target)
@@ -31,6 +33,22 @@ RECIPE=1
 QEMU_VERSION=10.0.2
 FIRMWARE_PATH=/usr/share/qemu:/usr/share/seabios
 jobs=${FV_JOBS:-$(nproc)}
+
+# The flags of every configure run (the fragvisor_ffi paths are added when
+# the build tree is configured). scripts/qemu/check-series.sh reads them
+# with --configure-flags, so that both build the same configuration.
+configure_flags=(
+    --target-list=x86_64-softmmu
+    --without-default-features
+    --enable-kvm --enable-tcg
+    --disable-docs --disable-werror --disable-rust
+    --disable-install-blobs --disable-download
+    "--firmwarepath=$FIRMWARE_PATH"
+)
+if [ "${1:-}" = --configure-flags ]; then
+    printf '%s\n' "${configure_flags[@]}"
+    exit 0
+fi
 
 qcache="$FV_CACHE/qemu"
 mkdir -p "$qcache"
@@ -66,15 +84,6 @@ tarball=$("$here/qemu/fetch-source.sh" | tail -n1)
 # --- 3. build tree, keyed by the patch series --------------------------------
 mapfile -t patches < <(find "$FV_ROOT/qemu-patches" -maxdepth 1 -name '[0-9][0-9][0-9][0-9]-*.patch' | LC_ALL=C sort)
 [ ${#patches[@]} -gt 0 ] || fv_die "no patches in $FV_ROOT/qemu-patches"
-
-configure_flags=(
-    --target-list=x86_64-softmmu
-    --without-default-features
-    --enable-kvm --enable-tcg
-    --disable-docs --disable-werror --disable-rust
-    --disable-install-blobs --disable-download
-    "--firmwarepath=$FIRMWARE_PATH"
-)
 
 series_key=$( {
     echo "recipe $RECIPE qemu $QEMU_VERSION"

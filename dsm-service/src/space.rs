@@ -1,5 +1,17 @@
 //! The DSM address space: the registered regions laid end to end and cut
 //! into 4 KiB pages numbered from 0.
+//!
+//! The page space is a guest address space in `vm-memory`'s terms: region
+//! `k` starts at guest address `first_page * 4096` and is backed by the
+//! caller's mapping ([`GuestMemoryMmap`] over raw, unowned
+//! [`MmapRegion`]s), so a page's host address is vm-memory's
+//! `get_host_address`. vm-memory has no reverse lookup, so host address →
+//! page keeps an index of its own (`by_addr`). Both are a binary search over
+//! the regions, as before: nothing is added to the fault path.
+
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::uffd::PAGE_SIZE;
 
@@ -17,12 +29,25 @@ pub struct Region {
 }
 
 /// The ordered list of regions.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AddressSpace {
     regions: Vec<Region>,
+    /// The page space: page `p` at guest address `p * 4096`.
+    memory: GuestMemoryMmap,
     /// Indices of `regions` sorted by `base`, for address lookups.
     by_addr: Vec<usize>,
     pages: u64,
+}
+
+impl Default for AddressSpace {
+    fn default() -> Self {
+        AddressSpace {
+            regions: Vec::new(),
+            memory: GuestMemoryMmap::new(),
+            by_addr: Vec::new(),
+            pages: 0,
+        }
+    }
 }
 
 /// A region that cannot be added.
@@ -49,10 +74,25 @@ pub enum SpaceError {
     /// Empty.
     #[error("region {0} is empty")]
     Empty(String),
+    /// vm-memory refused the region.
+    #[error("region {name}: {reason}")]
+    Memory {
+        /// Name.
+        name: String,
+        /// vm-memory's reason.
+        reason: String,
+    },
+}
+
+/// Guest address of page `page` in the page space.
+fn page_addr(page: u64) -> GuestAddress {
+    GuestAddress(page * PAGE_SIZE as u64)
 }
 
 impl AddressSpace {
-    /// Appends a region; returns its first page number.
+    /// Appends a region; returns its first page number. `base..base+len`
+    /// must be memory the caller hands to the DSM (an anonymous private
+    /// mapping, DESIGN.md §3) for as long as this space is used.
     pub fn add(&mut self, name: &str, base: u64, len: u64) -> Result<u64, SpaceError> {
         let mask = PAGE_SIZE as u64 - 1;
         if base & mask != 0 || len & mask != 0 {
@@ -75,7 +115,30 @@ impl AddressSpace {
                 other: o.name.clone(),
             });
         }
+        let refused = |reason: String| SpaceError::Memory {
+            name: name.into(),
+            reason,
+        };
         let first_page = self.pages;
+        // SAFETY: the region is memory the caller handed to the DSM (see
+        // above); the MmapRegion does not own it (it is never unmapped
+        // here), and vm-memory only records the address, protection and
+        // flags.
+        let mapping = unsafe {
+            MmapRegion::build_raw(
+                base as *mut u8,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            )
+        }
+        .map_err(|e| refused(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, page_addr(first_page))
+            .ok_or_else(|| refused("does not fit the page space".into()))?;
+        self.memory = self
+            .memory
+            .insert_region(Arc::new(region))
+            .map_err(|e| refused(e.to_string()))?;
         self.regions.push(Region {
             name: name.into(),
             base,
@@ -116,18 +179,23 @@ impl AddressSpace {
         Some((r, addr - r.base))
     }
 
-    /// Host address of a page.
+    /// Host address of a page. `page` must be below [`AddressSpace::pages`]
+    /// (every caller takes it from a fault or a checked message).
     pub fn addr_of(&self, page: u64) -> u64 {
-        let i = self.regions.partition_point(|r| r.first_page <= page) - 1;
-        let r = &self.regions[i];
-        r.base + (page - r.first_page) * PAGE_SIZE as u64
+        self.memory
+            .get_host_address(page_addr(page))
+            .expect("a page of the registered regions") as u64
     }
 
     /// Whether pages `a` and `b` are in the same region.
     pub fn same_region(&self, a: u64, b: u64) -> bool {
-        let ra = self.regions.partition_point(|r| r.first_page <= a);
-        let rb = self.regions.partition_point(|r| r.first_page <= b);
-        ra == rb && b < self.pages
+        match (
+            self.memory.find_region(page_addr(a)),
+            self.memory.find_region(page_addr(b)),
+        ) {
+            (Some(ra), Some(rb)) => std::ptr::eq(ra, rb),
+            _ => false,
+        }
     }
 }
 

@@ -117,27 +117,18 @@ fn main() -> ExitCode {
 
 pub use dsm_service::error_chain as chain;
 
-/// An anonymous private mapping for the DSM region.
+/// An anonymous private mapping for the DSM region (memmap2), kept for
+/// the life of the process: the DSM node uses it until the process exits.
 pub fn map_region(pages: u64) -> Result<u64, String> {
     let len = pages as usize * PAGE_SIZE;
-    // SAFETY: a fresh anonymous private mapping; the result is checked.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!(
-            "mmap of {len} bytes failed: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(p as u64)
+    let mut map = memmap2::MmapOptions::new()
+        .len(len)
+        .no_reserve_swap()
+        .map_anon()
+        .map_err(|e| format!("mmap of {len} bytes failed: {e}"))?;
+    let base = map.as_mut_ptr() as u64;
+    std::mem::forget(map);
+    Ok(base)
 }
 
 impl NodeArgs {

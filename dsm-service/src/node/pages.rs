@@ -95,6 +95,18 @@ impl Pending {
     pub fn is_complete(&self) -> bool {
         self.grant.is_some() && self.acks_got >= self.acks_needed
     }
+
+    /// True once the transaction is complete; until then keeps the page
+    /// contents that came with this message, if any.
+    pub fn complete_or_keep(&mut self, bytes: Option<&[u8]>) -> bool {
+        if self.is_complete() {
+            return true;
+        }
+        if let Some(b) = bytes {
+            self.data = Some(b.into());
+        }
+        false
+    }
 }
 
 /// One shard of this node's pages.
@@ -104,6 +116,15 @@ pub(super) struct LocalShard {
     pub state: Vec<LocalState>,
     /// Outstanding requests, by page number.
     pub pending: HashMap<u64, Pending>,
+}
+
+impl LocalShard {
+    /// The outstanding request for `page`, which a `what` message answers.
+    pub fn pending_mut(&mut self, page: u64, what: &str) -> Result<&mut Pending, String> {
+        self.pending
+            .get_mut(&page)
+            .ok_or_else(|| format!("{what} for page {page}, which this node did not request"))
+    }
 }
 
 /// This node's state of every page.
@@ -244,6 +265,18 @@ mod tests {
         assert!(!p.is_complete());
         p.acks_got = 2;
         assert!(p.is_complete());
+    }
+
+    #[test]
+    fn early_data_is_kept_until_the_transaction_is_complete() {
+        let mut p = Pending::new(false, Instant::now());
+        p.acks_needed = 1;
+        assert!(!p.complete_or_keep(Some(&[5; 8])));
+        assert_eq!(p.data.as_deref(), Some(&[5u8; 8][..]));
+        p.grant = Some((LocalState::Shared, GrantKind::Data));
+        p.acks_got = 1;
+        assert!(p.complete_or_keep(None));
+        assert!(p.data.is_some(), "what came early stays for the install");
     }
 
     #[test]

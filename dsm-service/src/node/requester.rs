@@ -44,10 +44,7 @@ impl NodeCore {
         out: &mut Outbox<'_>,
     ) -> Result<(), String> {
         let (mut sh, i) = self.pages.lock(page);
-        let p = sh
-            .pending
-            .get_mut(&page)
-            .ok_or_else(|| format!("grant for page {page}, which this node did not request"))?;
+        let p = sh.pending_mut(page, "grant")?;
         if p.grant.is_some() {
             return Err(format!("second grant for page {page}"));
         }
@@ -58,10 +55,7 @@ impl NodeCore {
             GrantData::Inline(b) => Some(b),
             _ => None,
         };
-        if !p.is_complete() {
-            if let Some(b) = inline {
-                p.data = Some(b.into());
-            }
+        if !p.complete_or_keep(inline) {
             return Ok(());
         }
         if kind == GrantKind::Data && inline.is_none() && p.data.is_none() {
@@ -80,15 +74,9 @@ impl NodeCore {
         out: &mut Outbox<'_>,
     ) -> Result<(), String> {
         let (mut sh, i) = self.pages.lock(page);
-        let p = sh
-            .pending
-            .get_mut(&page)
-            .ok_or_else(|| format!("data/ack for page {page}, which this node did not request"))?;
+        let p = sh.pending_mut(page, "data/ack")?;
         p.acks_got += 1;
-        if !p.is_complete() {
-            if let Some(b) = bytes {
-                p.data = Some(b.into());
-            }
+        if !p.complete_or_keep(bytes) {
             return Ok(());
         }
         self.complete(&mut sh, page, i, bytes, out)

@@ -18,8 +18,10 @@ use crate::uffd::{Fault, PAGE_SIZE};
 struct Fixture {
     core: NodeCore,
     base: u64,
-    len: usize,
     link: RecordingLink,
+    /// Unmapped when the fixture drops, after the node (fields drop in
+    /// order) and with it its userfaultfd.
+    _map: memmap2::MmapMut,
 }
 
 impl Fixture {
@@ -38,30 +40,12 @@ impl Fixture {
         link: RecordingLink,
     ) -> Fixture {
         let len = pages as usize * PAGE_SIZE;
-        // SAFETY: a fresh anonymous mapping, checked, unmapped in Drop after
-        // the node (and its userfaultfd) is gone.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let base = p as u64;
+        let mut map = memmap2::MmapMut::map_anon(len).expect("mmap");
         for &(page, byte) in written {
-            // SAFETY: inside the fresh mapping, not yet registered.
-            unsafe {
-                std::ptr::write_bytes(
-                    (base as usize + page as usize * PAGE_SIZE) as *mut u8,
-                    byte,
-                    PAGE_SIZE,
-                )
-            };
+            let at = page as usize * PAGE_SIZE;
+            map[at..at + PAGE_SIZE].fill(byte);
         }
+        let base = map.as_mut_ptr() as u64;
         let mut space = AddressSpace::default();
         space.add("ram", base, len as u64).unwrap();
         let (uffd, touched) = register(&space, me == 0).expect("userfaultfd (run as root)");
@@ -76,8 +60,8 @@ impl Fixture {
         Fixture {
             core,
             base,
-            len,
             link,
+            _map: map,
         }
     }
 
@@ -118,13 +102,6 @@ impl Fixture {
     }
 }
 
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; the test holds no reference into it.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
-    }
-}
-
 fn read(page: u64) -> Msg<'static> {
     Msg::Request {
         page,
@@ -138,6 +115,15 @@ fn write(page: u64) -> Msg<'static> {
         page,
         write: true,
         prefetch: false,
+    }
+}
+
+fn grant_msg(page: u64, mode: LocalState, data: GrantData<'_>, acks: u16) -> Msg<'_> {
+    Msg::Grant {
+        page,
+        mode,
+        data,
+        acks,
     }
 }
 
@@ -310,12 +296,7 @@ fn a_fault_asks_the_home_and_a_zero_grant_installs_zeros() {
     let sent = f
         .recv(
             0,
-            &[Msg::Grant {
-                page: 2,
-                mode: LocalState::Exclusive,
-                data: GrantData::Zero,
-                acks: 0,
-            }],
+            &[grant_msg(2, LocalState::Exclusive, GrantData::Zero, 0)],
         )
         .unwrap();
     assert_eq!(sent, vec![], "a direct grant needs no Done");
@@ -328,12 +309,7 @@ fn a_fault_asks_the_home_and_a_zero_grant_installs_zeros() {
 fn data_from_the_supplier_completes_the_grant_and_the_home_is_told() {
     let f = Fixture::new(1, 3, 8, &[]);
     f.fault(4, false);
-    let g = Msg::Grant {
-        page: 4,
-        mode: LocalState::Shared,
-        data: GrantData::FromSupplier,
-        acks: 1,
-    };
+    let g = grant_msg(4, LocalState::Shared, GrantData::FromSupplier, 1);
     assert_eq!(f.recv(0, &[g]).unwrap(), vec![]);
     assert_eq!(f.state(4), LocalState::Invalid, "waits for the data");
     let bytes = [0x5au8; PAGE_SIZE];
@@ -357,12 +333,7 @@ fn a_write_during_a_read_request_asks_for_an_upgrade() {
     f.fault(1, false);
     assert_eq!(f.fault(1, true), vec![], "joins the read in flight");
     let bytes = [9u8; PAGE_SIZE];
-    let g = Msg::Grant {
-        page: 1,
-        mode: LocalState::Shared,
-        data: GrantData::Inline(&bytes),
-        acks: 0,
-    };
+    let g = grant_msg(1, LocalState::Shared, GrantData::Inline(&bytes), 0);
     let sent = f.recv(0, &[g]).unwrap();
     assert_eq!(
         sent,
@@ -375,12 +346,7 @@ fn a_write_during_a_read_request_asks_for_an_upgrade() {
         )]
     );
     assert_eq!(f.state(1), LocalState::Shared);
-    let up = Msg::Grant {
-        page: 1,
-        mode: LocalState::Exclusive,
-        data: GrantData::None,
-        acks: 0,
-    };
+    let up = grant_msg(1, LocalState::Exclusive, GrantData::None, 0);
     assert_eq!(f.recv(0, &[up]).unwrap(), vec![]);
     assert_eq!(f.state(1), LocalState::Exclusive);
     assert_eq!(f.byte(1), 9);
@@ -396,12 +362,7 @@ fn a_run_of_direct_grants_is_installed_at_once() {
     let grants: Vec<Msg<'_>> = pages
         .iter()
         .enumerate()
-        .map(|(k, b)| Msg::Grant {
-            page: 3 + k as u64,
-            mode: LocalState::Shared,
-            data: GrantData::Inline(b),
-            acks: 0,
-        })
+        .map(|(k, b)| grant_msg(3 + k as u64, LocalState::Shared, GrantData::Inline(b), 0))
         .collect();
     assert_eq!(f.recv(0, &grants).unwrap(), vec![]);
     for k in 0..4u64 {
@@ -414,12 +375,7 @@ fn a_run_of_direct_grants_is_installed_at_once() {
 #[test]
 fn impossible_grants_are_refused_by_name() {
     let f = Fixture::new(1, 3, 8, &[]);
-    let zero = |page| Msg::Grant {
-        page,
-        mode: LocalState::Exclusive,
-        data: GrantData::Zero,
-        acks: 0,
-    };
+    let zero = |page| grant_msg(page, LocalState::Exclusive, GrantData::Zero, 0);
     assert_eq!(
         f.recv(0, &[zero(2)]).unwrap_err(),
         "grant for page 2, which this node did not request"
@@ -433,12 +389,7 @@ fn impossible_grants_are_refused_by_name() {
         f.recv(0, &[zero(99)]).unwrap_err(),
         "page 99 is outside the 8 registered pages"
     );
-    let promise = Msg::Grant {
-        page: 2,
-        mode: LocalState::Exclusive,
-        data: GrantData::FromSupplier,
-        acks: 0,
-    };
+    let promise = grant_msg(2, LocalState::Exclusive, GrantData::FromSupplier, 0);
     assert_eq!(
         f.recv(0, &[promise]).unwrap_err(),
         "grant for page 2 promises data that never came"
@@ -458,12 +409,7 @@ fn a_fetch_sends_the_data_and_keeps_what_the_home_says() {
     f.fault(0, true);
     f.recv(
         0,
-        &[Msg::Grant {
-            page: 0,
-            mode: LocalState::Exclusive,
-            data: GrantData::Zero,
-            acks: 0,
-        }],
+        &[grant_msg(0, LocalState::Exclusive, GrantData::Zero, 0)],
     )
     .unwrap();
     assert_eq!(f.byte(0), 0);
@@ -531,12 +477,12 @@ fn an_invalidation_drops_the_copy_and_acknowledges_to_the_requester() {
     let bytes = [3u8; PAGE_SIZE];
     f.recv(
         0,
-        &[Msg::Grant {
-            page: 5,
-            mode: LocalState::Shared,
-            data: GrantData::Inline(&bytes),
-            acks: 0,
-        }],
+        &[grant_msg(
+            5,
+            LocalState::Shared,
+            GrantData::Inline(&bytes),
+            0,
+        )],
     )
     .unwrap();
     let sent = f

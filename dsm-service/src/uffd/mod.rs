@@ -352,34 +352,21 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
+    /// An anonymous private mapping for a test, unmapped when dropped.
     struct Map {
+        _map: memmap2::MmapMut,
         addr: u64,
         len: usize,
     }
     impl Map {
         fn new(len: usize) -> Map {
-            // SAFETY: a fresh anonymous private mapping; checked below.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
+            let mut map = memmap2::MmapMut::map_anon(len).expect("mmap");
+            let addr = map.as_mut_ptr() as u64;
             Map {
-                addr: p as u64,
+                _map: map,
+                addr,
                 len,
             }
-        }
-    }
-    impl Drop for Map {
-        fn drop(&mut self) {
-            // SAFETY: unmapping the mapping created in `new`.
-            unsafe { libc::munmap(self.addr as *mut _, self.len) };
         }
     }
 

@@ -25,6 +25,76 @@ typedef enum {
 } FvEngine;
 
 /*
+ Where a system reset came from (`fv_runtime_system_reset`).
+ */
+typedef enum {
+  /*
+   This host: the others were told.
+   */
+  FV_RESET_ORIGIN_LOCAL,
+  /*
+   A peer asked for it: call `fv_runtime_reset_done` once the machine
+   runs again.
+   */
+  FV_RESET_ORIGIN_PEER,
+} FvResetOrigin;
+
+/*
+ The address space of a device access.
+ */
+typedef enum {
+  /*
+   Port I/O.
+   */
+  FV_IO_SPACE_PIO,
+  /*
+   Memory-mapped I/O.
+   */
+  FV_IO_SPACE_MMIO,
+} FvIoSpace;
+
+/*
+ An interrupt for a vCPU.
+ */
+typedef enum {
+  /*
+   A fixed or lowest-priority vector (the APIC's IRR).
+   */
+  FV_IRQ_KIND_FIXED,
+  /*
+   NMI.
+   */
+  FV_IRQ_KIND_NMI,
+  /*
+   SMI.
+   */
+  FV_IRQ_KIND_SMI,
+  /*
+   INIT.
+   */
+  FV_IRQ_KIND_INIT,
+  /*
+   Startup IPI with a vector.
+   */
+  FV_IRQ_KIND_SIPI,
+} FvIrqKind;
+
+/*
+ What another node asks this host's QEMU to do.
+ */
+typedef enum {
+  /*
+   The guest powered off: shut down (exit 0).
+   */
+  FV_LIFECYCLE_EVENT_POWER_OFF,
+  /*
+   The guest reset: reset the machine, then call
+   `fv_runtime_reset_done`.
+   */
+  FV_LIFECYCLE_EVENT_RESET,
+} FvLifecycleEvent;
+
+/*
  Accelerator options of one QEMU accelerator object. Opaque to C.
  */
 typedef struct FvConfig FvConfig;
@@ -33,6 +103,43 @@ typedef struct FvConfig FvConfig;
  The runtime of one host. Opaque to C.
  */
 typedef struct FvRuntime FvRuntime;
+
+/*
+ How this host's clocks map to the guest clock (see `qemu_accel::clock`):
+ guest = local + offset. `delta` is the estimated origin-minus-local
+ reading, `bound` the bound on its error. All zero on the origin except the
+ offsets (minus its base reading).
+ */
+typedef struct {
+  /*
+   Add to the host TSC to get the guest TSC (KVM_VCPU_TSC_OFFSET).
+   */
+  int64_t tsc_offset;
+  /*
+   Origin host TSC minus this host's, estimated.
+   */
+  int64_t tsc_delta;
+  /*
+   Error bound of `tsc_delta`, in TSC ticks.
+   */
+  uint64_t tsc_bound;
+  /*
+   Add to CLOCK_MONOTONIC (ns) to get the guest's 1 GHz clock (TCG).
+   */
+  int64_t mono_offset_ns;
+  /*
+   Origin CLOCK_MONOTONIC minus this host's, estimated, in ns.
+   */
+  int64_t mono_delta_ns;
+  /*
+   Error bound of `mono_delta_ns`, in ns.
+   */
+  uint64_t mono_bound_ns;
+  /*
+   Clock exchanges the estimate took (0 on the origin).
+   */
+  uint32_t samples;
+} FvClock;
 
 /*
  One guest RAM block registered with the DSM.
@@ -51,10 +158,10 @@ typedef struct {
    */
   uint64_t len;
   /*
-   Node that is home for the block's pages (its guest NUMA node's host),
-   or -1 for the origin.
+   The guest NUMA node whose memory the block is, or -1 for none. The
+   runtime picks the block's home from it.
    */
-  int32_t home;
+  int32_t numa_node;
 } FvRegion;
 
 /*
@@ -66,9 +173,9 @@ typedef struct {
    */
   uint32_t cpu;
   /*
-   0: port I/O, 1: MMIO.
+   Port I/O or MMIO.
    */
-  uint8_t space;
+  FvIoSpace space;
   /*
    A write.
    */
@@ -118,7 +225,8 @@ typedef struct {
 } FvApicState;
 
 /*
- Callbacks into QEMU. Every pointer must be set except `page_changed`.
+ Callbacks into QEMU. Every pointer must be set except `page_changed`,
+ `exit_status` and `vcpu_exits`.
  */
 typedef struct {
   /*
@@ -126,9 +234,9 @@ typedef struct {
    */
   uint32_t (*exec_io)(void *ctx, const FvIoAccess *a, uint8_t *data);
   /*
-   Deliver an interrupt to a local vCPU (kind: 0 fixed, 1 NMI, 2 SMI, 3 INIT, 4 SIPI).
+   Deliver an interrupt to a local vCPU.
    */
-  void (*deliver_irq)(void *ctx, uint32_t cpu, uint8_t kind, uint8_t vector, bool level);
+  void (*deliver_irq)(void *ctx, uint32_t cpu, FvIrqKind kind, uint8_t vector, bool level);
   /*
    Record a remote vCPU's APIC routing state.
    */
@@ -138,11 +246,14 @@ typedef struct {
    */
   void (*ioapic_eoi)(void *ctx, uint8_t vector);
   /*
-   Another node's power-off (0) or reset (1).
+   Another node powered the guest off or reset it: request the same
+   here (for a reset, `fv_runtime_system_reset` then says it is the
+   peer's).
    */
-  void (*lifecycle)(void *ctx, uint8_t event, uint32_t from);
+  void (*lifecycle)(void *ctx, FvLifecycleEvent event, uint32_t from);
   /*
-   A node failed; stop the VM with an error naming it.
+   A node failed while the VM ran (the runtime calls this once): report
+   it and stop the VM with an error.
    */
   void (*node_failed)(void *ctx, uint32_t node, const char *reason);
   /*
@@ -156,47 +267,15 @@ typedef struct {
   /*
    Another node's VM ended with exit status `status` (e.g. the guest
    wrote to `isa-debug-exit` on the origin): exit with it. May be NULL,
-   then `lifecycle` gets a power-off (0) instead.
+   then `lifecycle` gets a power-off instead.
    */
   void (*exit_status)(void *ctx, int32_t status, uint32_t from);
+  /*
+   Exits (or translated blocks) local vCPU `cpu` ran, for the exit
+   summary; may be NULL.
+   */
+  uint64_t (*vcpu_exits)(void *ctx, uint32_t cpu);
 } FvHostOps;
-
-/*
- How this host's clocks map to the guest clock (see `qemu_accel::clock`):
- guest = local + offset. `delta` is the estimated origin-minus-local
- reading, `bound` the bound on its error. All zero on the origin except the
- offsets (minus its base reading).
- */
-typedef struct {
-  /*
-   Add to the host TSC to get the guest TSC (KVM_VCPU_TSC_OFFSET).
-   */
-  int64_t tsc_offset;
-  /*
-   Origin host TSC minus this host's, estimated.
-   */
-  int64_t tsc_delta;
-  /*
-   Error bound of `tsc_delta`, in TSC ticks.
-   */
-  uint64_t tsc_bound;
-  /*
-   Add to CLOCK_MONOTONIC (ns) to get the guest's 1 GHz clock (TCG).
-   */
-  int64_t mono_offset_ns;
-  /*
-   Origin CLOCK_MONOTONIC minus this host's, estimated, in ns.
-   */
-  int64_t mono_delta_ns;
-  /*
-   Error bound of `mono_delta_ns`, in ns.
-   */
-  uint64_t mono_bound_ns;
-  /*
-   Clock exchanges the estimate took (0 on the origin).
-   */
-  uint32_t samples;
-} FvClock;
 
 #ifdef __cplusplus
 extern "C" {
@@ -303,77 +382,15 @@ bool fv_vcpu_is_local(const FvConfig *cfg, uint32_t cpu_index);
 int32_t fv_vcpu_owner(const FvConfig *cfg, uint32_t cpu_index);
 
 /*
- Joins the cluster described by `cfg` (after `fv_config_finish`) with the
- guest RAM `regions`, and starts the runtime. `peer_timeout_ms` applies
- unless the `peer-timeout-ms` option was given. Returns NULL and sets `*err`
- (free with `fv_string_free`) on failure.
+ Checks the machine's guest NUMA map against the vCPU placement:
+ `numa_nodes[i]` is vCPU `i`'s guest NUMA node (-1 where it has none;
+ `n` entries). Returns NULL when every vCPU runs on the host of its NUMA
+ node, else the error message (free it with [`fv_string_free`]).
 
  # Safety
- `cfg` must be a live, finished config; `regions` must point to `nregions`
- entries whose names are NUL-terminated strings and whose ranges stay
- mapped while the runtime lives; `ops` must point to a callback table whose
- functions may be called from any thread with `ctx`; `err` NULL or valid.
+ `cfg` NULL or live; `numa_nodes` valid for `n` entries (or NULL with 0).
  */
-FvRuntime *fv_runtime_start(const FvConfig *cfg,
-                            const FvRegion *regions,
-                            size_t nregions,
-                            const FvHostOps *ops,
-                            void *ctx,
-                            uint32_t peer_timeout_ms,
-                            char **err);
-
-/*
- Forwards a local vCPU's device access to the origin and waits for it.
- `data` holds `size*count` bytes: written ones, or room for those read.
- Returns 0 and sets `*result` (`MemTxResult`), or -1 when the origin is
- gone (the failure was also reported through `node_failed`).
-
- # Safety
- `rt` live; `a` valid; `data` valid for `size*count` bytes; `result` valid.
- */
-int32_t fv_forward_io(const FvRuntime *rt, const FvIoAccess *a, uint8_t *data, uint32_t *result);
-
-/*
- Sends an interrupt to the host that runs `cpu` (kind: 0 fixed, 1 NMI,
- 2 SMI, 3 INIT, 4 SIPI). Returns 0, or -1 if that host is gone.
-
- # Safety
- `rt` must be live.
- */
-int32_t fv_send_irq(const FvRuntime *rt, uint32_t cpu, uint8_t kind, uint8_t vector, bool level);
-
-/*
- Mirrors a local vCPU's APIC routing state to every other host.
-
- # Safety
- `rt` live; `s` valid.
- */
-int32_t fv_broadcast_apic_state(const FvRuntime *rt, const FvApicState *s);
-
-/*
- Sends an IOAPIC EOI to the origin.
-
- # Safety
- `rt` must be live.
- */
-int32_t fv_send_ioapic_eoi(const FvRuntime *rt, uint8_t vector);
-
-/*
- Tells every other host about a power-off (0) or a reset (1).
-
- # Safety
- `rt` must be live.
- */
-int32_t fv_broadcast_lifecycle(const FvRuntime *rt, uint8_t event);
-
-/*
- Tells every other host that the VM ended with exit `status`; they exit
- with it too.
-
- # Safety
- `rt` must be live.
- */
-int32_t fv_broadcast_exit(const FvRuntime *rt, int32_t status);
+char *fv_config_check_numa(const FvConfig *cfg, const int64_t *numa_nodes, size_t n);
 
 /*
  Fills `*out` with how this host's clocks map to the guest clock. Returns
@@ -411,14 +428,99 @@ uint64_t fv_runtime_guest_ns(const FvRuntime *rt);
 char *fv_runtime_clock_describe(const FvRuntime *rt);
 
 /*
- The exit summary line (`fragvisor: node K summary: ...`); `counts[i]` is
- the number of exits or translated blocks vCPU `i` ran (`ncounts` entries).
- Free the string with `fv_string_free`.
+ QEMU shuts down with exit `status` (a guest power-off, an exit device;
+ `host_error` for an error of QEMU's own): the other hosts are told once,
+ the exit summary is printed, and the process ends after a grace time if
+ it has not exited by then.
 
  # Safety
- `rt` live; `counts` valid for `ncounts` entries (or NULL with 0).
+ `rt` NULL or live.
  */
-char *fv_runtime_summary(const FvRuntime *rt, const uint64_t *counts, size_t ncounts);
+void fv_runtime_vm_ends(const FvRuntime *rt, int32_t status, bool host_error);
+
+/*
+ The process exits with `status` (from anywhere in QEMU): the other hosts
+ stop too, with the same status.
+
+ # Safety
+ `rt` NULL or live.
+ */
+void fv_runtime_vm_exits(const FvRuntime *rt, int32_t status);
+
+/*
+ A system reset runs on this host (from QEMU's reset handler). A local
+ one is sent to every other host; for `FV_RESET_ORIGIN_PEER` call
+ `fv_runtime_reset_done` once the machine runs again.
+
+ # Safety
+ `rt` NULL or live.
+ */
+FvResetOrigin fv_runtime_system_reset(const FvRuntime *rt);
+
+/*
+ The reset a peer asked for is done: the runtime delivers that peer's
+ next messages.
+
+ # Safety
+ `rt` NULL or live.
+ */
+void fv_runtime_reset_done(const FvRuntime *rt);
+
+/*
+ Joins the cluster described by `cfg` (after `fv_config_finish`) with the
+ guest RAM `regions`, and starts the runtime. `peer_timeout_ms` applies
+ unless the `peer-timeout-ms` option was given. Returns NULL and sets `*err`
+ (free with `fv_string_free`) on failure.
+
+ # Safety
+ `cfg` must be a live, finished config; `regions` must point to `nregions`
+ entries whose names are NUL-terminated strings and whose ranges stay
+ mapped while the runtime lives; `ops` must point to a callback table whose
+ functions may be called from any thread with `ctx`; `err` NULL or valid.
+ */
+FvRuntime *fv_runtime_start(const FvConfig *cfg,
+                            const FvRegion *regions,
+                            size_t nregions,
+                            const FvHostOps *ops,
+                            void *ctx,
+                            uint32_t peer_timeout_ms,
+                            char **err);
+
+/*
+ Forwards a local vCPU's device access to the origin and waits for it.
+ `data` holds `size*count` bytes: written ones, or room for those read.
+ Returns 0 and sets `*result` (`MemTxResult`), or -1 when the origin is
+ gone (the failure was also reported through `node_failed`).
+
+ # Safety
+ `rt` live; `a` valid; `data` valid for `size*count` bytes; `result` valid.
+ */
+int32_t fv_forward_io(const FvRuntime *rt, const FvIoAccess *a, uint8_t *data, uint32_t *result);
+
+/*
+ Sends an interrupt to the host that runs `cpu`. Returns 0, or -1 if
+ that host is gone.
+
+ # Safety
+ `rt` must be live; `kind` one of the header's constants.
+ */
+int32_t fv_send_irq(const FvRuntime *rt, uint32_t cpu, FvIrqKind kind, uint8_t vector, bool level);
+
+/*
+ Mirrors a local vCPU's APIC routing state to every other host.
+
+ # Safety
+ `rt` live; `s` valid.
+ */
+int32_t fv_broadcast_apic_state(const FvRuntime *rt, const FvApicState *s);
+
+/*
+ Sends an IOAPIC EOI to the origin.
+
+ # Safety
+ `rt` must be live.
+ */
+int32_t fv_send_ioapic_eoi(const FvRuntime *rt, uint8_t vector);
 
 /*
  Leaves the cluster cleanly and frees the runtime. NULL is ignored.

@@ -16,6 +16,10 @@ use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
+pub mod clock;
+pub mod host;
+pub mod kinds;
+pub mod lifecycle;
 pub mod runtime;
 
 use qemu_accel::{AccelConfig, ConfigBuilder, ConfigError, Engine, VcpuPlacement, OPTIONS};
@@ -287,6 +291,35 @@ pub unsafe extern "C" fn fv_vcpu_owner(cfg: *const FvConfig, cpu_index: u32) -> 
         .map_or(-1, |n| n as i32)
 }
 
+/// Checks the machine's guest NUMA map against the vCPU placement:
+/// `numa_nodes[i]` is vCPU `i`'s guest NUMA node (-1 where it has none;
+/// `n` entries). Returns NULL when every vCPU runs on the host of its NUMA
+/// node, else the error message (free it with [`fv_string_free`]).
+///
+/// # Safety
+/// `cfg` NULL or live; `numa_nodes` valid for `n` entries (or NULL with 0).
+#[no_mangle]
+pub unsafe extern "C" fn fv_config_check_numa(
+    cfg: *const FvConfig,
+    numa_nodes: *const i64,
+    n: usize,
+) -> *mut c_char {
+    // SAFETY: per the contract, `cfg` is NULL or live for this call.
+    let Some(r) = (unsafe { resolved(cfg) }) else {
+        return error_string("the configuration was not finished");
+    };
+    let nodes: &[i64] = if numa_nodes.is_null() || n == 0 {
+        &[]
+    } else {
+        // SAFETY: per the contract, `numa_nodes` holds `n` entries.
+        unsafe { std::slice::from_raw_parts(numa_nodes, n) }
+    };
+    guarded(|| {
+        let map: Vec<Option<u32>> = nodes.iter().map(|&g| u32::try_from(g).ok()).collect();
+        r.placement.check_numa(&map).map_err(|e| e.to_string())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,7 +347,7 @@ mod tests {
 
     #[test]
     fn option_table_is_exported() {
-        assert_eq!(fv_option_count(), 11);
+        assert_eq!(fv_option_count(), 12);
         let names: Vec<String> = (0..fv_option_count())
             .map(|i| {
                 // SAFETY: the table holds static NUL-terminated strings.
@@ -336,11 +369,12 @@ mod tests {
                 "vcpu-map",
                 "prefetch",
                 "hot-pages",
+                "log",
                 "test-clock-skew-ns",
                 "test-clock-rate-ppm"
             ]
         );
-        assert!(fv_option_name(11).is_null());
+        assert!(fv_option_name(12).is_null());
         assert!(!fv_option_help(0).is_null());
     }
 

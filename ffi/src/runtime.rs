@@ -6,17 +6,18 @@
 //! `thread_start` first, where QEMU registers the thread with RCU). Calls
 //! into the runtime from vCPU threads block only in [`fv_forward_io`].
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void};
 use std::ptr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dsm_service::home::HomeMap;
 use dsm_service::uffd::PAGE_SIZE;
-use qemu_accel::runtime::{
-    ApicState, Host, IoAccess, IoSpace, Irq, IrqKind, Lifecycle, Runtime, RuntimeConfig,
-};
+use qemu_accel::placement::numa_home;
+use qemu_accel::runtime::{ApicState, IoAccess, Irq, Runtime, RuntimeConfig};
 
+use crate::host::{CHost, FvApicState, FvHostOps, FvIoAccess};
+use crate::kinds::FvIrqKind;
 use crate::{error_string, FvConfig};
 
 /// One guest RAM block registered with the DSM.
@@ -29,191 +30,14 @@ pub struct FvRegion {
     pub host_addr: u64,
     /// Length in bytes (whole 4 KiB pages).
     pub len: u64,
-    /// Node that is home for the block's pages (its guest NUMA node's host),
-    /// or -1 for the origin.
-    pub home: i32,
-}
-
-/// A device access forwarded to the origin.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct FvIoAccess {
-    /// vCPU index.
-    pub cpu: u32,
-    /// 0: port I/O, 1: MMIO.
-    pub space: u8,
-    /// A write.
-    pub is_write: bool,
-    /// Bytes per element.
-    pub size: u8,
-    /// Elements (string I/O), at least 1.
-    pub count: u32,
-    /// Port or guest-physical address.
-    pub addr: u64,
-    /// `MemTxAttrs` bits.
-    pub attrs: u32,
-}
-
-/// APIC routing state of one vCPU.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct FvApicState {
-    /// vCPU index.
-    pub cpu: u32,
-    /// APIC ID register.
-    pub id: u32,
-    /// Logical destination register.
-    pub ldr: u32,
-    /// Destination format register.
-    pub dfr: u32,
-    /// IA32_APIC_BASE.
-    pub apicbase: u64,
-}
-
-/// Callbacks into QEMU. Every pointer must be set except `page_changed`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct FvHostOps {
-    /// Origin: run an access on the device model; returns `MemTxResult`.
-    pub exec_io:
-        Option<unsafe extern "C" fn(ctx: *mut c_void, a: *const FvIoAccess, data: *mut u8) -> u32>,
-    /// Deliver an interrupt to a local vCPU (kind: 0 fixed, 1 NMI, 2 SMI, 3 INIT, 4 SIPI).
-    pub deliver_irq:
-        Option<unsafe extern "C" fn(ctx: *mut c_void, cpu: u32, kind: u8, vector: u8, level: bool)>,
-    /// Record a remote vCPU's APIC routing state.
-    pub apic_state: Option<unsafe extern "C" fn(ctx: *mut c_void, s: *const FvApicState)>,
-    /// Origin: an IOAPIC EOI from a remote vCPU.
-    pub ioapic_eoi: Option<unsafe extern "C" fn(ctx: *mut c_void, vector: u8)>,
-    /// Another node's power-off (0) or reset (1).
-    pub lifecycle: Option<unsafe extern "C" fn(ctx: *mut c_void, event: u8, from: u32)>,
-    /// A node failed; stop the VM with an error naming it.
-    pub node_failed:
-        Option<unsafe extern "C" fn(ctx: *mut c_void, node: u32, reason: *const c_char)>,
-    /// First call in every runtime thread that uses the callbacks.
-    pub thread_start: Option<unsafe extern "C" fn(ctx: *mut c_void, name: *const c_char)>,
-    /// Local page contents dropped or replaced (TCG: drop translated code); may be NULL.
-    pub page_changed: Option<unsafe extern "C" fn(ctx: *mut c_void, host_addr: u64, len: u64)>,
-    /// Another node's VM ended with exit status `status` (e.g. the guest
-    /// wrote to `isa-debug-exit` on the origin): exit with it. May be NULL,
-    /// then `lifecycle` gets a power-off (0) instead.
-    pub exit_status: Option<unsafe extern "C" fn(ctx: *mut c_void, status: i32, from: u32)>,
-}
-
-/// How this host's clocks map to the guest clock (see `qemu_accel::clock`):
-/// guest = local + offset. `delta` is the estimated origin-minus-local
-/// reading, `bound` the bound on its error. All zero on the origin except the
-/// offsets (minus its base reading).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FvClock {
-    /// Add to the host TSC to get the guest TSC (KVM_VCPU_TSC_OFFSET).
-    pub tsc_offset: i64,
-    /// Origin host TSC minus this host's, estimated.
-    pub tsc_delta: i64,
-    /// Error bound of `tsc_delta`, in TSC ticks.
-    pub tsc_bound: u64,
-    /// Add to CLOCK_MONOTONIC (ns) to get the guest's 1 GHz clock (TCG).
-    pub mono_offset_ns: i64,
-    /// Origin CLOCK_MONOTONIC minus this host's, estimated, in ns.
-    pub mono_delta_ns: i64,
-    /// Error bound of `mono_delta_ns`, in ns.
-    pub mono_bound_ns: u64,
-    /// Clock exchanges the estimate took (0 on the origin).
-    pub samples: u32,
+    /// The guest NUMA node whose memory the block is, or -1 for none. The
+    /// runtime picks the block's home from it.
+    pub numa_node: i32,
 }
 
 /// The runtime of one host. Opaque to C.
 pub struct FvRuntime {
-    rt: Arc<Runtime>,
-}
-
-struct CHost {
-    ops: FvHostOps,
-    ctx: *mut c_void,
-}
-
-// SAFETY: the C side promises (fv_runtime_start's contract) that its
-// callbacks may be called from any thread with this context.
-unsafe impl Send for CHost {}
-// SAFETY: as above; the callbacks synchronise internally (QEMU's big lock).
-unsafe impl Sync for CHost {}
-
-fn cstring(s: &str) -> CString {
-    CString::new(s.replace('\0', " ")).unwrap_or_default()
-}
-
-impl Host for CHost {
-    fn exec_io(&self, a: &IoAccess, data: &mut [u8]) -> u32 {
-        let c = FvIoAccess {
-            cpu: a.cpu,
-            space: a.space as u8,
-            is_write: a.is_write,
-            size: a.size,
-            count: a.count,
-            addr: a.addr,
-            attrs: a.attrs,
-        };
-        match self.ops.exec_io {
-            // SAFETY: `c` and `data` (a.len() bytes) live for the call.
-            Some(f) => unsafe { f(self.ctx, &c, data.as_mut_ptr()) },
-            None => 1,
-        }
-    }
-    fn deliver_irq(&self, irq: &Irq) {
-        if let Some(f) = self.ops.deliver_irq {
-            // SAFETY: plain values; the callback's contract is the C side's.
-            unsafe { f(self.ctx, irq.cpu, irq.kind as u8, irq.vector, irq.level) }
-        }
-    }
-    fn apic_state(&self, s: &ApicState) {
-        let c = FvApicState {
-            cpu: s.cpu,
-            id: s.id,
-            ldr: s.ldr,
-            dfr: s.dfr,
-            apicbase: s.apicbase,
-        };
-        if let Some(f) = self.ops.apic_state {
-            // SAFETY: `c` lives for the call.
-            unsafe { f(self.ctx, &c) }
-        }
-    }
-    fn ioapic_eoi(&self, vector: u8) {
-        if let Some(f) = self.ops.ioapic_eoi {
-            // SAFETY: plain values.
-            unsafe { f(self.ctx, vector) }
-        }
-    }
-    fn lifecycle(&self, event: Lifecycle, from: u16) {
-        if let (Lifecycle::Exit(status), Some(f)) = (event, self.ops.exit_status) {
-            // SAFETY: plain values.
-            unsafe { f(self.ctx, status, u32::from(from)) };
-            return;
-        }
-        let code = if let Lifecycle::Exit(_) = event {
-            Lifecycle::PowerOff.code()
-        } else {
-            event.code()
-        };
-        if let Some(f) = self.ops.lifecycle {
-            // SAFETY: plain values.
-            unsafe { f(self.ctx, code, u32::from(from)) }
-        }
-    }
-    fn node_failed(&self, node: u16, reason: &str) {
-        let r = cstring(reason);
-        if let Some(f) = self.ops.node_failed {
-            // SAFETY: `r` is a NUL-terminated string that lives for the call.
-            unsafe { f(self.ctx, u32::from(node), r.as_ptr()) }
-        }
-    }
-    fn thread_start(&self, name: &str) {
-        let n = cstring(name);
-        if let Some(f) = self.ops.thread_start {
-            // SAFETY: `n` lives for the call.
-            unsafe { f(self.ctx, n.as_ptr()) }
-        }
-    }
+    pub(crate) rt: Arc<Runtime>,
 }
 
 fn set_err(err: *mut *mut c_char, msg: String) {
@@ -251,6 +75,7 @@ pub unsafe extern "C" fn fv_runtime_start(
                 .resolved
                 .as_ref()
                 .ok_or("the configuration was not finished")?;
+            qemu_accel::logging::install(resolved.config.log.as_deref());
             // SAFETY: per the contract, `ops` is NULL or a valid table.
             let ops = *unsafe { ops.as_ref() }.ok_or("no callbacks")?;
             let regions: &[FvRegion] = if nregions == 0 {
@@ -265,8 +90,9 @@ pub unsafe extern "C" fn fv_runtime_start(
             for r in regions {
                 // SAFETY: per the contract, names are NUL-terminated strings.
                 let name = unsafe { crate::text(r.name, "region name") }?.to_string();
-                if r.home > 0 {
-                    homes.assign(first_page, r.len / PAGE_SIZE as u64, r.home as u16);
+                let numa_node = u32::try_from(r.numa_node).ok();
+                if let Some(home) = numa_home(numa_node, resolved.config.nodes) {
+                    homes.assign(first_page, r.len / PAGE_SIZE as u64, home as u16);
                 }
                 first_page += r.len / PAGE_SIZE as u64;
                 names.push((name, r.host_addr, r.len));
@@ -332,19 +158,7 @@ pub unsafe extern "C" fn fv_forward_io(
     let (Some(rt), Some(a)) = (unsafe { rt.as_ref() }, unsafe { a.as_ref() }) else {
         return -1;
     };
-    let access = IoAccess {
-        cpu: a.cpu,
-        space: if a.space == 0 {
-            IoSpace::Pio
-        } else {
-            IoSpace::Mmio
-        },
-        addr: a.addr,
-        size: a.size,
-        count: a.count.max(1),
-        is_write: a.is_write,
-        attrs: a.attrs,
-    };
+    let access = IoAccess::from(a);
     let len = access.len();
     let buf: &mut [u8] = if len == 0 || data.is_null() {
         &mut []
@@ -367,34 +181,26 @@ pub unsafe extern "C" fn fv_forward_io(
     }
 }
 
-/// Sends an interrupt to the host that runs `cpu` (kind: 0 fixed, 1 NMI,
-/// 2 SMI, 3 INIT, 4 SIPI). Returns 0, or -1 if that host is gone.
+/// Sends an interrupt to the host that runs `cpu`. Returns 0, or -1 if
+/// that host is gone.
 ///
 /// # Safety
-/// `rt` must be live.
+/// `rt` must be live; `kind` one of the header's constants.
 #[no_mangle]
 pub unsafe extern "C" fn fv_send_irq(
     rt: *const FvRuntime,
     cpu: u32,
-    kind: u8,
+    kind: FvIrqKind,
     vector: u8,
     level: bool,
 ) -> i32 {
-    let kind = match kind {
-        0 => IrqKind::Fixed,
-        1 => IrqKind::Nmi,
-        2 => IrqKind::Smi,
-        3 => IrqKind::Init,
-        4 => IrqKind::Sipi,
-        _ => return -1,
-    };
     // SAFETY: per the contract.
     let Some(rt) = (unsafe { rt.as_ref() }) else {
         return -1;
     };
     status_of(rt.rt.send_irq(&Irq {
         cpu,
-        kind,
+        kind: kind.into(),
         vector,
         level,
     }))
@@ -413,13 +219,7 @@ pub unsafe extern "C" fn fv_broadcast_apic_state(
     let (Some(rt), Some(s)) = (unsafe { rt.as_ref() }, unsafe { s.as_ref() }) else {
         return -1;
     };
-    status_of(rt.rt.broadcast_apic_state(&ApicState {
-        cpu: s.cpu,
-        id: s.id,
-        ldr: s.ldr,
-        dfr: s.dfr,
-        apicbase: s.apicbase,
-    }))
+    status_of(rt.rt.broadcast_apic_state(&ApicState::from(s)))
 }
 
 /// Sends an IOAPIC EOI to the origin.
@@ -433,127 +233,6 @@ pub unsafe extern "C" fn fv_send_ioapic_eoi(rt: *const FvRuntime, vector: u8) ->
         return -1;
     };
     status_of(rt.rt.send_ioapic_eoi(vector))
-}
-
-/// Tells every other host about a power-off (0) or a reset (1).
-///
-/// # Safety
-/// `rt` must be live.
-#[no_mangle]
-pub unsafe extern "C" fn fv_broadcast_lifecycle(rt: *const FvRuntime, event: u8) -> i32 {
-    // SAFETY: per the contract.
-    let Some(rt) = (unsafe { rt.as_ref() }) else {
-        return -1;
-    };
-    let event = match event {
-        0 => Lifecycle::PowerOff,
-        1 => Lifecycle::Reset,
-        _ => return -1,
-    };
-    status_of(rt.rt.broadcast_lifecycle(event))
-}
-
-/// Tells every other host that the VM ended with exit `status`; they exit
-/// with it too.
-///
-/// # Safety
-/// `rt` must be live.
-#[no_mangle]
-pub unsafe extern "C" fn fv_broadcast_exit(rt: *const FvRuntime, status: i32) -> i32 {
-    // SAFETY: per the contract.
-    let Some(rt) = (unsafe { rt.as_ref() }) else {
-        return -1;
-    };
-    status_of(rt.rt.broadcast_lifecycle(Lifecycle::Exit(status)))
-}
-
-/// Fills `*out` with how this host's clocks map to the guest clock. Returns
-/// 0, or -1 on a NULL argument.
-///
-/// # Safety
-/// `rt` live; `out` valid for one `FvClock`.
-#[no_mangle]
-pub unsafe extern "C" fn fv_runtime_clock(rt: *const FvRuntime, out: *mut FvClock) -> i32 {
-    // SAFETY: per the contract.
-    let (Some(rt), Some(out)) = (unsafe { rt.as_ref() }, unsafe { out.as_mut() }) else {
-        return -1;
-    };
-    let c = rt.rt.clock();
-    *out = FvClock {
-        tsc_offset: c.tsc.offset,
-        tsc_delta: c.tsc.delta,
-        tsc_bound: c.tsc.bound,
-        mono_offset_ns: c.mono.offset,
-        mono_delta_ns: c.mono.delta,
-        mono_bound_ns: c.mono.bound,
-        samples: c.samples,
-    };
-    0
-}
-
-/// This host's `CLOCK_MONOTONIC` in ns, the clock `FvClock::mono_offset_ns`
-/// applies to (the TCG engine's guest TSC started as this plus that offset;
-/// `fv_runtime_guest_ns` is the steered one).
-#[no_mangle]
-pub extern "C" fn fv_clock_mono_ns() -> u64 {
-    qemu_accel::clock::mono_ns()
-}
-
-/// The guest clock now: ns since the cluster started, on the origin's
-/// monotonic clock as this host steers towards it against drift (the TCG
-/// engine's 1 GHz guest TSC). 0 for a NULL `rt`.
-///
-/// # Safety
-/// `rt` NULL or live.
-#[no_mangle]
-pub unsafe extern "C" fn fv_runtime_guest_ns(rt: *const FvRuntime) -> u64 {
-    // SAFETY: per the contract.
-    match unsafe { rt.as_ref() } {
-        Some(rt) => rt.rt.guest_ns(),
-        None => 0,
-    }
-}
-
-/// One log line on how this host's clocks were aligned to the origin's.
-/// Free it with `fv_string_free`; NULL for a NULL `rt`.
-///
-/// # Safety
-/// `rt` NULL or live.
-#[no_mangle]
-pub unsafe extern "C" fn fv_runtime_clock_describe(rt: *const FvRuntime) -> *mut c_char {
-    // SAFETY: per the contract.
-    let Some(rt) = (unsafe { rt.as_ref() }) else {
-        return ptr::null_mut();
-    };
-    error_string(rt.rt.clock().describe(rt.rt.node_id()))
-}
-
-/// The exit summary line (`fragvisor: node K summary: ...`); `counts[i]` is
-/// the number of exits or translated blocks vCPU `i` ran (`ncounts` entries).
-/// Free the string with `fv_string_free`.
-///
-/// # Safety
-/// `rt` live; `counts` valid for `ncounts` entries (or NULL with 0).
-#[no_mangle]
-pub unsafe extern "C" fn fv_runtime_summary(
-    rt: *const FvRuntime,
-    counts: *const u64,
-    ncounts: usize,
-) -> *mut c_char {
-    // SAFETY: per the contract.
-    let Some(rt) = (unsafe { rt.as_ref() }) else {
-        return ptr::null_mut();
-    };
-    let counts: &[u64] = if counts.is_null() || ncounts == 0 {
-        &[]
-    } else {
-        // SAFETY: per the contract.
-        unsafe { std::slice::from_raw_parts(counts, ncounts) }
-    };
-    error_string(
-        rt.rt
-            .summary(&|cpu| counts.get(cpu as usize).copied().unwrap_or(0)),
-    )
 }
 
 /// Leaves the cluster cleanly and frees the runtime. NULL is ignored.

@@ -13,11 +13,13 @@
 //! - [`runtime`]: the per-host runtime of an aggregate VM (DSM, I/O and
 //!   interrupt forwarding, lifecycle, failure);
 //! - [`clock`]: one guest clock across hosts (each host's offset from the
-//!   origin's clocks).
+//!   origin's clocks);
+//! - [`logging`]: the runtime's `tracing` log on stderr inside QEMU.
 
 pub mod clock;
 pub mod config;
 pub mod launcher;
+pub mod logging;
 pub mod placement;
 pub mod runtime;
 

@@ -47,6 +47,18 @@ pub enum PlacementError {
     /// The map leaves a node without vCPUs.
     #[error("vcpu-map: node {0} runs no vCPU; every node must run at least one")]
     IdleNode(u32),
+    /// A vCPU's guest NUMA node is not the host that runs it.
+    #[error(
+        "vCPU {vcpu} is in guest NUMA node {numa_node} but runs on node {node}; map the vCPUs of NUMA node k to host k (e.g. -smp sockets=<nodes> or -numa cpu)"
+    )]
+    NumaNotLocal {
+        /// vCPU index.
+        vcpu: u32,
+        /// Its guest NUMA node.
+        numa_node: u32,
+        /// The host that runs it.
+        node: u32,
+    },
     /// An explicit map names a node outside the cluster.
     #[error("vcpu-map: vCPU {vcpu} is placed on node {node}, but nodes={nodes}")]
     MapNode {
@@ -161,6 +173,35 @@ impl VcpuPlacement {
     }
 }
 
+/// The host that is home for the memory of guest NUMA node `numa_node` in a
+/// cluster of `nodes`: one guest NUMA node per host, node `g` on host `g`;
+/// memory of a NUMA node beyond the cluster, or of no NUMA node, is homed
+/// on the origin (`None`).
+pub fn numa_home(numa_node: Option<u32>, nodes: u32) -> Option<u32> {
+    numa_node.filter(|&g| g < nodes)
+}
+
+impl VcpuPlacement {
+    /// With a guest NUMA map (`numa_nodes[i]`: vCPU `i`'s guest NUMA node,
+    /// `None` where the machine gives none), every vCPU must run on the
+    /// host of its NUMA node, or the guest's idea of locality is wrong.
+    pub fn check_numa(&self, numa_nodes: &[Option<u32>]) -> Result<(), PlacementError> {
+        for (vcpu, g) in numa_nodes.iter().enumerate() {
+            let vcpu = vcpu as u32;
+            if let (Some(numa_node), Some(node)) = (*g, self.owner(vcpu)) {
+                if numa_node != node {
+                    return Err(PlacementError::NumaNotLocal {
+                        vcpu,
+                        numa_node,
+                        node,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +285,35 @@ mod tests {
     fn numa_map_length_must_match() {
         let err = VcpuPlacement::new(1, 3, &[0, 0]).unwrap_err();
         assert_eq!(err, PlacementError::NumaMapLength { given: 2, vcpus: 3 });
+    }
+
+    #[test]
+    fn numa_memory_is_homed_on_its_host() {
+        assert_eq!(numa_home(Some(1), 2), Some(1));
+        assert_eq!(numa_home(Some(0), 2), Some(0));
+        assert_eq!(numa_home(Some(2), 2), None, "beyond the cluster: origin");
+        assert_eq!(numa_home(None, 4), None);
+    }
+
+    #[test]
+    fn a_vcpu_away_from_its_numa_node_is_refused() {
+        let p = VcpuPlacement::contiguous(2, 4).unwrap();
+        assert_eq!(p.check_numa(&[Some(0), Some(0), Some(1), Some(1)]), Ok(()));
+        assert_eq!(p.check_numa(&[None, None, None, None]), Ok(()));
+        assert_eq!(p.check_numa(&[]), Ok(()), "no NUMA map");
+        let err = p
+            .check_numa(&[Some(0), Some(1), Some(1), Some(1)])
+            .unwrap_err();
+        assert_eq!(
+            err,
+            PlacementError::NumaNotLocal {
+                vcpu: 1,
+                numa_node: 1,
+                node: 0
+            }
+        );
+        assert!(err.to_string().starts_with(
+            "vCPU 1 is in guest NUMA node 1 but runs on node 0; map the vCPUs of NUMA node k to host k"
+        ));
     }
 }

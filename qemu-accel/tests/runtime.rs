@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use dsm_service::home::HomeMap;
 use qemu_accel::runtime::{
-    ApicState, Host, IoAccess, IoSpace, Irq, IrqKind, Lifecycle, Runtime, RuntimeConfig,
+    ApicState, Host, IoAccess, IoSpace, Irq, IrqKind, Lifecycle, ResetOrigin, Runtime,
+    RuntimeConfig,
 };
 use qemu_accel::{AccelConfig, ClusterKey, Engine, PeerAddr, VcpuPlacement};
 
@@ -114,6 +115,7 @@ fn pair() -> (Side, Side) {
             peer_timeout_ms: None,
             prefetch: 0,
             hot_pages: 0,
+            log: None,
             test_clock_skew_ns: 0,
             test_clock_rate_ppm: 0,
         };
@@ -200,8 +202,17 @@ fn forwarding_interrupts_and_failure_reach_the_right_host() {
     h0.wait_for("apic cpu1 id0x1000000");
     r1.send_ioapic_eoi(0x31).unwrap();
     h0.wait_for("eoi 0x31");
-    r0.broadcast_lifecycle(Lifecycle::Reset).unwrap();
+    assert_eq!(r0.system_reset(), ResetOrigin::Local);
     h1.wait_for("lifecycle Reset from 0");
+    // The reset that node 1's QEMU now runs is node 0's: not sent back.
+    assert_eq!(r1.system_reset(), ResetOrigin::Peer);
+    r1.reset_done();
+    assert_eq!(
+        r1.system_reset(),
+        ResetOrigin::Local,
+        "the next one is its own"
+    );
+    h0.wait_for("lifecycle Reset from 1");
 
     // A host that leaves while the VM runs is a failure the origin names.
     r1.shutdown();
@@ -217,7 +228,7 @@ fn forwarding_interrupts_and_failure_reach_the_right_host() {
 #[test]
 fn power_off_then_exit_is_no_failure() {
     let ((r0, h0), (r1, h1)) = pair();
-    r1.broadcast_lifecycle(Lifecycle::PowerOff).unwrap();
+    r1.vm_exits(0);
     h0.wait_for("lifecycle PowerOff from 1");
     r1.shutdown();
     r0.shutdown();
@@ -229,8 +240,17 @@ fn power_off_then_exit_is_no_failure() {
 #[test]
 fn exit_status_reaches_every_node_and_is_no_failure() {
     let ((r0, h0), (r1, h1)) = pair();
-    r0.broadcast_lifecycle(Lifecycle::Exit(33)).unwrap();
+    r0.vm_exits(33);
     h1.wait_for("lifecycle Exit(33) from 0");
+    r0.vm_exits(33);
+    std::thread::sleep(Duration::from_millis(200));
+    let told = |h: &Recorder| {
+        let log = h.log.lock().unwrap();
+        log.iter()
+            .filter(|l| *l == "lifecycle Exit(33) from 0")
+            .count()
+    };
+    assert_eq!(told(&h1), 1, "an end is told once");
     r0.shutdown();
     r1.shutdown();
     std::thread::sleep(Duration::from_millis(300));

@@ -30,10 +30,10 @@ impl FrameSink for NodeCore {
                 Stats::add(&self.stats.bytes_received, payload.len() as u64);
                 let mut out = Outbox::new(self.nodes, self);
                 if let Err(what) = self.on_coherence_frame(from, payload, &mut out) {
-                    warn!(node = self.me, peer = from, %what, "protocol error");
-                    eprintln!(
-                        "fragvisor-dsm: node {}: protocol error from node {from}: {what}",
-                        self.me
+                    warn!(
+                        node = self.me,
+                        peer = from,
+                        "protocol error from node {from}: {what}"
                     );
                     self.event(DsmEvent::ProtocolError { node: from, what });
                 }

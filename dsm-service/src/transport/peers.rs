@@ -234,13 +234,13 @@ impl<L: PeerLink> Peers<L> {
         self.sink.on_peer_down(peer, why);
     }
 
-    /// Counts and reports a refused connection, on the log and on stderr
-    /// (where a user running nodes by hand sees it).
+    /// Counts and logs a refused connection (a warning: the processes that
+    /// embed the DSM log warnings on stderr by default, where a user running
+    /// nodes by hand sees it).
     pub(crate) fn refuse(&self, from: SocketAddr, why: &str) {
         self.refused.fetch_add(1, Ordering::Relaxed);
         let node = self.me();
         warn!(node, %from, "refused connection from {from}: {why}");
-        eprintln!("fragvisor-dsm: node {node}: refused connection from {from}: {why}");
     }
 
     /// Connections refused so far.

@@ -4,11 +4,6 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FRAGVISOR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    qemu_accel::logging::install(std::env::var("FRAGVISOR_LOG").ok().as_deref());
     qemu_accel::launcher::main_from(std::env::args_os())
 }

@@ -5,9 +5,8 @@
 //! executors, and everything else is queued for the `fv-app` thread, which
 //! calls [`super::Host`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use dsm_service::node::AppHandler;
 use dsm_service::{DsmNode, NodeId};
@@ -16,6 +15,7 @@ use tracing::{debug, warn};
 use super::calls::Calls;
 use super::clock_sync::answer_ping;
 use super::io::IoJob;
+use super::vm_state::VmState;
 use super::wire::{Message, RUNTIME_CHANNEL};
 use super::Runtime;
 use crate::clock::ClockReading;
@@ -54,7 +54,7 @@ fn route(m: Message, from: NodeId, me: NodeId) -> Route {
 pub(super) struct Dispatcher {
     me: NodeId,
     calls: Arc<Calls>,
-    ending: Arc<AtomicBool>,
+    state: Arc<Mutex<VmState>>,
     /// The origin's base clock reading, sent with every clock answer.
     base: ClockReading,
     node: Weak<DsmNode>,
@@ -69,7 +69,7 @@ impl Dispatcher {
         Dispatcher {
             me: rt.node.id(),
             calls: rt.calls.clone(),
-            ending: rt.ending.clone(),
+            state: rt.state.clone(),
             base: rt.base,
             node: Arc::downgrade(&rt.node),
             exec,
@@ -104,10 +104,12 @@ impl Dispatcher {
                 let _ = self.exec.send(job);
             }
             Route::App(m) => {
-                if matches!(m, Message::Lifecycle(e) if e.ends_vm()) {
-                    // Before the sender's connection closes: its exit is no
-                    // failure.
-                    self.ending.store(true, Ordering::Release);
+                if let Message::Lifecycle(e) = m {
+                    if e.ends_vm() {
+                        // Before the sender's connection closes: its exit is
+                        // no failure.
+                        self.state.lock().expect("lock").peer_event(e);
+                    }
                 }
                 let _ = self.app.send((from, m));
             }

@@ -1,16 +1,20 @@
-//! Cluster-wide events and failure: power-off, reset and exit status go to
-//! every host ([`Runtime::broadcast_lifecycle`]); the `fv-watch` thread
-//! turns the DSM's peer events into [`super::Host::node_failed`] and fails
-//! the calls that wait for a dead node, so no vCPU hangs. Once the VM is
-//! ending (a power-off or exit was sent or seen), peers that leave have not
-//! failed.
+//! Cluster-wide events and failure. QEMU reports what happens on its host
+//! ([`Runtime::vm_ends`], [`Runtime::vm_exits`], [`Runtime::system_reset`],
+//! [`Runtime::reset_done`]); the runtime decides, with `VmState`, whom to
+//! tell, what this host exits with, when the summary is printed and when
+//! the exit watchdog ends a process that cannot stop. The `fv-watch` thread
+//! turns the DSM's peer events into [`super::Host::node_failed`] (once, while
+//! the VM runs) and fails the calls that wait for a dead node, so no vCPU
+//! hangs. Once the VM is ending, peers that leave have not failed.
 
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use dsm_service::{DsmEvent, NodeId};
 use tracing::warn;
 
+use super::vm_state::ResetOrigin;
 use super::wire::Message;
 use super::{Runtime, RuntimeError};
 
@@ -111,32 +115,134 @@ fn judge(event: DsmEvent, me: NodeId, ending: bool, stopping: bool) -> Verdict {
     Verdict::Failed { node, reason }
 }
 
+/// After power-off or a failure, the longest an orderly exit may take
+/// before the exit watchdog ends the process (vCPUs blocked on pages of a
+/// node that is gone never stop on their own).
+const EXIT_GRACE: Duration = Duration::from_secs(3);
+/// The longest a peer's reset may hold back the interrupts sent after it.
+const RESET_WAIT: Duration = Duration::from_secs(10);
+
+/// A peer's reset in progress on this host: the `fv-app` thread waits for
+/// it before it delivers that peer's next messages (the firmware's INIT and
+/// SIPI must find this host reset).
+#[derive(Debug, Default)]
+pub(super) struct ResetGate {
+    running: Mutex<bool>,
+    done: Condvar,
+}
+
+impl ResetGate {
+    fn begin(&self) {
+        *self.running.lock().expect("lock") = true;
+    }
+
+    fn finish(&self) {
+        *self.running.lock().expect("lock") = false;
+        self.done.notify_all();
+    }
+
+    /// Waits until the reset is finished or `limit` passed; false on
+    /// timeout.
+    fn wait(&self, limit: Duration) -> bool {
+        let running = self.running.lock().expect("lock");
+        let (mut running, t) = self
+            .done
+            .wait_timeout_while(running, limit, |r| *r)
+            .expect("lock");
+        let finished = !t.timed_out();
+        *running = false;
+        finished
+    }
+}
+
 impl Runtime {
     /// Tells every other host about a power-off, reset or exit.
-    pub fn broadcast_lifecycle(&self, event: Lifecycle) -> Result<(), RuntimeError> {
-        if event.ends_vm() {
-            self.mark_ending();
-        }
+    fn broadcast_lifecycle(&self, event: Lifecycle) -> Result<(), RuntimeError> {
         self.broadcast(&Message::Lifecycle(event))
     }
 
-    /// The VM ends: peers that leave from now on have not failed.
-    pub(super) fn mark_ending(&self) {
-        self.ending.store(true, Ordering::Release);
+    /// The VM ends here with `status` (QEMU's shutdown: a guest power-off,
+    /// an exit device, or `host_error` for an error of QEMU's own): the
+    /// other hosts are told once, the summary is printed, and the exit
+    /// watchdog ends the process if it does not exit within the grace time.
+    pub fn vm_ends(&self, status: i32, host_error: bool) {
+        let code = self.end_here(status);
+        let code = if host_error { 1 } else { code };
+        self.arm_exit_watchdog(code);
     }
 
-    /// `fv-app` thread: another node's lifecycle event reaches QEMU.
-    pub(super) fn deliver_lifecycle(&self, event: Lifecycle, from: NodeId) {
-        if event.ends_vm() {
-            self.mark_ending();
+    /// The process exits with `status` (QEMU's `exit()` from anywhere, e.g.
+    /// a fatal error): the other hosts stop too, with the same status.
+    pub fn vm_exits(&self, status: i32) {
+        self.end_here(status);
+    }
+
+    /// Records this host's end, tells the others when it started here,
+    /// prints the summary once; returns the status to exit with.
+    fn end_here(&self, status: i32) -> i32 {
+        let (tell, code) = {
+            let mut s = self.state.lock().expect("lock");
+            let tell = s.end_here(status);
+            (tell, s.exit_code(false))
+        };
+        if let Some(event) = tell {
+            if let Err(e) = self.broadcast_lifecycle(event) {
+                warn!(error = %e, "telling the other nodes that the VM ends failed");
+            }
         }
+        self.print_summary_once();
+        code
+    }
+
+    /// A system reset runs on this host (QEMU's reset handler, once the
+    /// cluster runs). A local reset is sent to every other host; for one a
+    /// peer asked for, QEMU calls [`Runtime::reset_done`] once the reset
+    /// and the vCPUs' restart are finished.
+    pub fn system_reset(&self) -> ResetOrigin {
+        let origin = self.state.lock().expect("lock").system_reset();
+        if origin == ResetOrigin::Local {
+            if let Err(e) = self.broadcast_lifecycle(Lifecycle::Reset) {
+                warn!(error = %e, "telling the other nodes about the reset failed");
+            }
+        }
+        origin
+    }
+
+    /// A reset a peer asked for is finished here.
+    pub fn reset_done(&self) {
+        self.reset.finish();
+    }
+
+    /// The VM is ending: peers that leave from now on have not failed.
+    pub(super) fn is_ending(&self) -> bool {
+        self.state.lock().expect("lock").is_ending()
+    }
+
+    /// `fv-app` thread: another node's lifecycle event reaches QEMU. For a
+    /// reset, waits until this host has reset (or [`RESET_WAIT`] passed).
+    pub(super) fn deliver_lifecycle(&self, event: Lifecycle, from: NodeId) {
+        if event != Lifecycle::Reset {
+            self.state.lock().expect("lock").peer_event(event);
+            self.host.lifecycle(event, from);
+            return;
+        }
+        self.state.lock().expect("lock").peer_event(event);
+        self.reset.begin();
         self.host.lifecycle(event, from);
+        if !self.reset.wait(RESET_WAIT) {
+            warn!(
+                node = self.node.id(),
+                peer = from,
+                "the reset node {from} asked for did not finish in {} ms; delivering interrupts anyway",
+                RESET_WAIT.as_millis()
+            );
+        }
     }
 
     /// The `fv-watch` thread: acts on the DSM's events until the DSM stops.
     pub(super) fn watch(&self, events: &Receiver<DsmEvent>) {
         while let Ok(event) = events.recv() {
-            let ending = self.ending.load(Ordering::Acquire);
+            let ending = self.is_ending();
             let stopping = self.is_stopping();
             match judge(event, self.node.id(), ending, stopping) {
                 Verdict::Ending => self.fail_calls(|| RuntimeError::Stopping),
@@ -149,9 +255,42 @@ impl Runtime {
                         node,
                         reason: reason.clone(),
                     });
-                    self.host.node_failed(node, &reason);
+                    if self.state.lock().expect("lock").node_failed() {
+                        self.host.node_failed(node, &reason);
+                        self.print_summary_once();
+                        self.arm_exit_watchdog(1);
+                    }
                 }
             }
+        }
+    }
+
+    fn print_summary_once(&self) {
+        if self.state.lock().expect("lock").take_summary() {
+            let host = self.host.clone();
+            eprintln!("{}", self.summary(&|cpu| host.vcpu_exits(cpu)));
+        }
+    }
+
+    /// Once: ends the process with `code` after [`EXIT_GRACE`] unless it
+    /// exits by itself first.
+    fn arm_exit_watchdog(&self, code: i32) {
+        if !self.state.lock().expect("lock").take_exit_watchdog() {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("fv-exit".into())
+            .spawn(move || {
+                std::thread::sleep(EXIT_GRACE);
+                // SAFETY: fflush(NULL) flushes every C stdio stream and
+                // _exit ends the process at once; neither touches Rust state.
+                unsafe {
+                    libc::fflush(std::ptr::null_mut());
+                    libc::_exit(code)
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start the exit watchdog");
         }
     }
 }

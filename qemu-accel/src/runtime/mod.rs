@@ -32,6 +32,7 @@ mod io;
 mod irq;
 mod lifecycle;
 mod summary;
+mod vm_state;
 mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -47,12 +48,15 @@ use thiserror::Error;
 pub use self::io::{IoAccess, IoSpace, MAX_IO_DATA};
 pub use self::irq::{ApicState, Irq, IrqKind};
 pub use self::lifecycle::Lifecycle;
+pub use self::vm_state::ResetOrigin;
 pub use self::wire::{DecodeError, Message, RUNTIME_CHANNEL};
 
 use self::calls::Calls;
 use self::dispatch::{AppJob, Dispatcher};
 use self::io::IoJob;
+use self::lifecycle::ResetGate;
 use self::summary::VcpuCounts;
+use self::vm_state::VmState;
 use crate::clock::{ClockError, ClockReading, ClockSync, SharedSteer, TestClock};
 use crate::config::AccelConfig;
 use crate::placement::VcpuPlacement;
@@ -76,6 +80,11 @@ pub trait Host: Send + Sync {
     /// Called first in each thread the runtime creates that calls the
     /// methods above (QEMU registers the thread with RCU there).
     fn thread_start(&self, name: &str);
+    /// Exits (returns to QEMU's device code) of local vCPU `cpu` so far,
+    /// for the exit summary.
+    fn vcpu_exits(&self, _cpu: u32) -> u64 {
+        0
+    }
 }
 
 /// Errors of the runtime.
@@ -193,9 +202,11 @@ pub struct Runtime {
     /// dispatcher).
     calls: Arc<Calls>,
     stopping: AtomicBool,
-    /// A power-off was seen: peers leaving afterwards is no failure
-    /// (shared with the dispatcher).
-    ending: Arc<AtomicBool>,
+    /// The lifecycle decisions (shared with the dispatcher, which records a
+    /// peer's end as soon as it arrives).
+    state: Arc<Mutex<VmState>>,
+    /// A peer's reset in progress here.
+    reset: ResetGate,
     counts: Vec<VcpuCounts>,
     /// Hottest pages the exit summary lists.
     hot_pages: usize,
@@ -277,7 +288,8 @@ impl Runtime {
             placement,
             calls: Arc::default(),
             stopping: AtomicBool::new(false),
-            ending: Arc::default(),
+            state: Arc::default(),
+            reset: ResetGate::default(),
             counts: (0..vcpus).map(|_| VcpuCounts::default()).collect(),
             hot_pages,
             base: ClockReading::now(),

@@ -421,30 +421,17 @@ fn a_fetch_sends_the_data_and_keeps_what_the_home_says() {
         requester: 2,
         keep,
     };
-    let sent = f.recv(0, &[fetch(LocalState::Shared)]).unwrap();
-    assert_eq!(
-        sent,
-        vec![(
-            2,
-            Sent::Data {
-                page: 0,
-                first_byte: 0x99
-            }
-        )]
-    );
+    let data_to_2 = vec![(
+        2,
+        Sent::Data {
+            page: 0,
+            first_byte: 0x99,
+        },
+    )];
+    assert_eq!(f.recv(0, &[fetch(LocalState::Shared)]).unwrap(), data_to_2);
     assert_eq!(f.state(0), LocalState::Shared, "downgraded, still readable");
     assert_eq!(f.byte(0), 0x99);
-    let sent = f.recv(0, &[fetch(LocalState::Invalid)]).unwrap();
-    assert_eq!(
-        sent,
-        vec![(
-            2,
-            Sent::Data {
-                page: 0,
-                first_byte: 0x99
-            }
-        )]
-    );
+    assert_eq!(f.recv(0, &[fetch(LocalState::Invalid)]).unwrap(), data_to_2);
     assert_eq!(f.state(0), LocalState::Invalid);
     assert_eq!(
         f.recv(0, &[fetch(LocalState::Invalid)]).unwrap_err(),

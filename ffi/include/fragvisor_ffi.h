@@ -374,14 +374,6 @@ uint32_t fv_config_node_id(const FvConfig *cfg);
 bool fv_vcpu_is_local(const FvConfig *cfg, uint32_t cpu_index);
 
 /*
- Node that runs vCPU `cpu_index`, or -1 (not finished, unknown vCPU).
-
- # Safety
- `cfg` must be NULL or a live pointer from [`fv_config_new`].
- */
-int32_t fv_vcpu_owner(const FvConfig *cfg, uint32_t cpu_index);
-
-/*
  Checks the machine's guest NUMA map against the vCPU placement:
  `numa_nodes[i]` is vCPU `i`'s guest NUMA node (-1 where it has none;
  `n` entries). Returns NULL when every vCPU runs on the host of its NUMA

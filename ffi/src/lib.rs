@@ -279,18 +279,6 @@ pub unsafe extern "C" fn fv_vcpu_is_local(cfg: *const FvConfig, cpu_index: u32) 
     unsafe { resolved(cfg) }.is_some_and(|r| r.placement.runs_on(cpu_index, r.config.node_id))
 }
 
-/// Node that runs vCPU `cpu_index`, or -1 (not finished, unknown vCPU).
-///
-/// # Safety
-/// `cfg` must be NULL or a live pointer from [`fv_config_new`].
-#[no_mangle]
-pub unsafe extern "C" fn fv_vcpu_owner(cfg: *const FvConfig, cpu_index: u32) -> i32 {
-    // SAFETY: per the contract, `cfg` is NULL or live for this call.
-    unsafe { resolved(cfg) }
-        .and_then(|r| r.placement.owner(cpu_index))
-        .map_or(-1, |n| n as i32)
-}
-
 /// Checks the machine's guest NUMA map against the vCPU placement:
 /// `numa_nodes[i]` is vCPU `i`'s guest NUMA node (-1 where it has none;
 /// `n` entries). Returns NULL when every vCPU runs on the host of its NUMA
@@ -392,11 +380,33 @@ mod tests {
             assert!(fv_vcpu_is_local(cfg, 0));
             assert!(fv_vcpu_is_local(cfg, 1));
             assert!(!fv_vcpu_is_local(cfg, 2));
-            assert_eq!(fv_vcpu_owner(cfg, 1), 0);
-            assert_eq!(fv_vcpu_owner(cfg, 9), -1);
             assert_eq!(
                 take(fv_config_get(cfg, c("nodes").as_ptr())).as_deref(),
                 Some("1")
+            );
+            fv_config_free(cfg);
+        }
+    }
+
+    #[test]
+    fn the_numa_map_is_checked_against_the_placement() {
+        let cfg = fv_config_new();
+        assert_eq!(set(cfg, "nodes", "2"), None);
+        assert_eq!(set(cfg, "peers", "127.0.0.1:7000;127.0.0.1:7001"), None);
+        assert_eq!(set(cfg, "key", "a-cluster-key-of-16+"), None);
+        // SAFETY: `cfg` is live; the maps live for each call.
+        unsafe {
+            assert_eq!(take(fv_config_finish(cfg, FvEngine::Tcg, 2)), None);
+            let local = [0i64, 1];
+            assert_eq!(take(fv_config_check_numa(cfg, local.as_ptr(), 2)), None);
+            let none = [-1i64, -1];
+            assert_eq!(take(fv_config_check_numa(cfg, none.as_ptr(), 2)), None);
+            assert_eq!(take(fv_config_check_numa(cfg, ptr::null(), 0)), None);
+            let away = [0i64, 0];
+            let err = take(fv_config_check_numa(cfg, away.as_ptr(), 2)).unwrap();
+            assert!(
+                err.starts_with("vCPU 1 is in guest NUMA node 0 but runs on node 1"),
+                "{err}"
             );
             fv_config_free(cfg);
         }

@@ -30,7 +30,8 @@
 //!   such a network are shown to break (a negative control), so the link
 //!   order PROTOCOL.md relies on is really needed.
 //! * The home's per-page directory (`owner`, `sharers`, `busy`, FIFO `queue`),
-//!   its decision tables as written in PROTOCOL.md, its local calls when it is
+//!   its decisions — made by `dsm_service::coherence::decide` itself, the
+//!   function the DSM node runs, not a copy of it — its local calls when it is
 //!   the requester, the supplier or a sharer (no message then, the home-local
 //!   fast path included), the requester collecting the `Grant` and `acks`
 //!   further messages in any order, the supplier (write-protect, read, send,
@@ -76,6 +77,8 @@
 //! before the other's vCPU retries its access (the classic DSM ping-pong);
 //! completion stays reachable from every state, which is what is checked.
 
+use dsm_service::coherence::{self, DataSource, DirState, LocalState};
+use dsm_service::NodeId;
 use stateright::{Checker, Expectation, HasDiscoveries, Model, Property};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -608,100 +611,44 @@ impl Dsm {
         self.decide(s, p, r, access);
     }
 
-    /// The home's decision tables, from the directory alone.
+    /// The home's decision: `dsm_service::coherence::decide`, the function
+    /// the DSM runs, over this page's directory; the model carries its plan
+    /// out as the node's engine does (invalidations, then the data, then the
+    /// grant).
     fn decide(&self, s: &mut State, p: Page, r: Node, access: Access) {
         let (pi, h) = (usize::from(p), self.home(p));
-        let rbit = 1u8 << r;
-        let owner = s.dir[pi].owner;
-        let sharers = s.dir[pi].sharers;
         let messages_before = s.net.len();
-        let grant = match access {
-            Access::Read => {
-                if owner == Some(r) {
-                    self.cover(Cov::ReadDuplicateOwner);
-                    grant(Mode::Exclusive, None, 0)
-                } else if sharers & rbit != 0 {
-                    self.cover(Cov::ReadDuplicateSharer);
-                    grant(Mode::Shared, None, 0)
-                } else if let Some(o) = owner {
-                    self.cover(if o == h {
-                        Cov::ReadFromHomeOwner
-                    } else {
-                        Cov::ReadFromRemoteOwner
-                    });
-                    let (data, acks) = self.fetch(s, p, o, r, Down::Shared);
-                    let d = &mut s.dir[pi];
-                    d.owner = None;
-                    d.sharers = (1 << o) | rbit;
-                    grant(Mode::Shared, data, acks)
-                } else if sharers != 0 {
-                    let supplier = supplier_of(sharers, h);
-                    self.cover(if supplier == h {
-                        Cov::ReadFromHomeSharer
-                    } else {
-                        Cov::ReadFromRemoteSharer
-                    });
-                    let (data, acks) = self.fetch(s, p, supplier, r, Down::Shared);
-                    s.dir[pi].sharers |= rbit;
-                    grant(Mode::Shared, data, acks)
-                } else {
-                    // Unowned: nobody else has it, grant it writable.
-                    self.cover(Cov::ReadUnowned);
-                    s.dir[pi].owner = Some(r);
-                    grant(Mode::Exclusive, Some(!s.written[pi]), 0)
-                }
-            }
-            Access::Write => {
-                if owner == Some(r) {
-                    self.cover(Cov::WriteDuplicateOwner);
-                    grant(Mode::Exclusive, None, 0)
-                } else if let Some(o) = owner {
-                    self.cover(if o == h {
-                        Cov::WriteFromHomeOwner
-                    } else {
-                        Cov::WriteFromRemoteOwner
-                    });
-                    let (data, acks) = self.fetch(s, p, o, r, Down::Invalid);
-                    s.dir[pi].owner = Some(r);
-                    grant(Mode::Exclusive, data, acks)
-                } else if sharers & rbit != 0 {
-                    // Upgrade: R has the data.
-                    self.cover(Cov::WriteUpgrade);
-                    if (sharers & !rbit).count_ones() >= 2 {
-                        self.cover(Cov::WriteUpgradeInvalidatesTwo);
-                    }
-                    let acks = self.invalidate(s, p, sharers & !rbit, r);
-                    let d = &mut s.dir[pi];
-                    d.owner = Some(r);
-                    d.sharers = 0;
-                    grant(Mode::Exclusive, None, acks)
-                } else if sharers != 0 {
-                    if s.pending[usize::from(r)][pi].is_some()
-                        && s.vcpu[usize::from(r)].op == Some((p, Access::Write))
-                        && s.local[usize::from(r)][pi] == Local::Invalid
-                    {
-                        self.cover(Cov::StaleUpgradeGetsData);
-                    }
-                    let supplier = supplier_of(sharers, h);
-                    self.cover(if supplier == h {
-                        Cov::WriteFromHomeSharer
-                    } else {
-                        Cov::WriteFromRemoteSharer
-                    });
-                    let (data, acks) = self.fetch(s, p, supplier, r, Down::Invalid);
-                    let rest = sharers & !(1 << supplier);
-                    let acks = acks + self.invalidate(s, p, rest, r);
-                    let d = &mut s.dir[pi];
-                    d.owner = Some(r);
-                    d.sharers = 0;
-                    grant(Mode::Exclusive, data, acks)
-                } else {
-                    self.cover(Cov::WriteUnowned);
-                    s.dir[pi].owner = Some(r);
-                    grant(Mode::Exclusive, Some(!s.written[pi]), 0)
-                }
+        self.cover_decision(s, p, r, access);
+        let mut dir = DirState {
+            owner: s.dir[pi].owner.map(NodeId::from),
+            sharers: u64::from(s.dir[pi].sharers),
+        };
+        let real_access = match access {
+            Access::Read => coherence::Access::Read,
+            Access::Write => coherence::Access::Write,
+        };
+        let plan = coherence::decide(&mut dir, NodeId::from(h), NodeId::from(r), real_access);
+        s.dir[pi].owner = dir.owner.map(|o| o as Node);
+        s.dir[pi].sharers = dir.sharers as u8;
+        let mut acks = self.invalidate(s, p, plan.invalidate as u8, r);
+        let data = match plan.data {
+            DataSource::None => None,
+            DataSource::Zero => Some(!s.written[pi]),
+            DataSource::Node(x) => {
+                let down = match plan.supplier_keeps {
+                    LocalState::Shared => Down::Shared,
+                    _ => Down::Invalid,
+                };
+                let (data, fetch_acks) = self.fetch(s, p, x as Node, r, down);
+                acks += fetch_acks;
+                data
             }
         };
+        let mode = match plan.mode {
+            LocalState::Shared => Mode::Shared,
+            _ => Mode::Exclusive,
+        };
+        let grant = grant(mode, data, acks);
         if r == h {
             // Local call: the home is the requester.
             if s.net.len() == messages_before {
@@ -724,6 +671,49 @@ impl Dsm {
                 self.start_next(s, p);
             }
         }
+    }
+
+    /// Which row of PROTOCOL.md's decision tables a request of `r` meets,
+    /// from the directory before the decision (coverage only).
+    fn cover_decision(&self, s: &State, p: Page, r: Node, access: Access) {
+        let (pi, h) = (usize::from(p), self.home(p));
+        let rbit = 1u8 << r;
+        let (owner, sharers) = (s.dir[pi].owner, s.dir[pi].sharers);
+        let at = |node: Node, home: Cov, remote: Cov| if node == h { home } else { remote };
+        let c = match (access, owner) {
+            (Access::Read, Some(o)) if o == r => Cov::ReadDuplicateOwner,
+            (Access::Write, Some(o)) if o == r => Cov::WriteDuplicateOwner,
+            (Access::Read, Some(o)) => at(o, Cov::ReadFromHomeOwner, Cov::ReadFromRemoteOwner),
+            (Access::Write, Some(o)) => at(o, Cov::WriteFromHomeOwner, Cov::WriteFromRemoteOwner),
+            (Access::Read, None) if sharers & rbit != 0 => Cov::ReadDuplicateSharer,
+            (Access::Read, None) if sharers != 0 => at(
+                supplier_of(sharers, h),
+                Cov::ReadFromHomeSharer,
+                Cov::ReadFromRemoteSharer,
+            ),
+            (Access::Read, None) => Cov::ReadUnowned,
+            (Access::Write, None) if sharers & rbit != 0 => {
+                if (sharers & !rbit).count_ones() >= 2 {
+                    self.cover(Cov::WriteUpgradeInvalidatesTwo);
+                }
+                Cov::WriteUpgrade
+            }
+            (Access::Write, None) if sharers != 0 => {
+                if s.pending[usize::from(r)][pi].is_some()
+                    && s.vcpu[usize::from(r)].op == Some((p, Access::Write))
+                    && s.local[usize::from(r)][pi] == Local::Invalid
+                {
+                    self.cover(Cov::StaleUpgradeGetsData);
+                }
+                at(
+                    supplier_of(sharers, h),
+                    Cov::WriteFromHomeSharer,
+                    Cov::WriteFromRemoteSharer,
+                )
+            }
+            (Access::Write, None) => Cov::WriteUnowned,
+        };
+        self.cover(c);
     }
 
     /// The home asks `supplier` for the data of `p` on behalf of `r`, or reads

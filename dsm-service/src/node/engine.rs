@@ -296,10 +296,8 @@ impl NodeCore {
             data,
             acks,
         };
-        if r == self.me {
-            out.local.push_back(grant);
-        } else {
-            out.emit(r, &grant);
+        out.route(self.me, r, grant);
+        if r != self.me {
             note_direct(out, r, page, acks);
         }
         Ok(())

@@ -59,6 +59,16 @@ impl<'a> Outbox<'a> {
         }
     }
 
+    /// `msg` for node `to`: this node's own queue when `to` is `me`, else
+    /// the frame for `to`.
+    pub fn route(&mut self, me: NodeId, to: NodeId, msg: Msg<'static>) {
+        if to == me {
+            self.local.push_back(msg);
+        } else {
+            self.emit(to, &msg);
+        }
+    }
+
     /// Sends the frame gathered for `to`, if any (keeping its buffer).
     pub fn flush_to(&mut self, to: NodeId) {
         let b = &mut self.bufs[usize::from(to)];

@@ -21,17 +21,12 @@ impl NodeCore {
     /// Sends a request for `page` to its home (to this node's own queue
     /// when it is the home).
     pub(super) fn request(&self, page: u64, write: bool, prefetch: bool, out: &mut Outbox<'_>) {
-        let home = self.homes.home(page);
         let msg = Msg::Request {
             page,
             write,
             prefetch,
         };
-        if home == self.me {
-            out.local.push_back(msg);
-        } else {
-            out.emit(home, &msg);
-        }
+        out.route(self.me, self.homes.home(page), msg);
     }
 
     /// A grant for a page this node requested.

@@ -166,24 +166,24 @@ impl Runtime {
     /// other hosts are told once, the summary is printed, and the exit
     /// watchdog ends the process if it does not exit within the grace time.
     pub fn vm_ends(&self, status: i32, host_error: bool) {
-        let code = self.end_here(status);
-        let code = if host_error { 1 } else { code };
+        let code = self.end_here(status, host_error);
         self.arm_exit_watchdog(code);
     }
 
     /// The process exits with `status` (QEMU's `exit()` from anywhere, e.g.
     /// a fatal error): the other hosts stop too, with the same status.
     pub fn vm_exits(&self, status: i32) {
-        self.end_here(status);
+        self.end_here(status, false);
     }
 
     /// Records this host's end, tells the others when it started here,
-    /// prints the summary once; returns the status to exit with.
-    fn end_here(&self, status: i32) -> i32 {
+    /// prints the summary once; returns the status to exit with
+    /// (`host_error`: QEMU stops for an error of its own).
+    fn end_here(&self, status: i32, host_error: bool) -> i32 {
         let (tell, code) = {
             let mut s = self.state.lock().expect("lock");
             let tell = s.end_here(status);
-            (tell, s.exit_code(false))
+            (tell, s.exit_code(host_error))
         };
         if let Some(event) = tell {
             if let Err(e) = self.broadcast_lifecycle(event) {
@@ -221,12 +221,11 @@ impl Runtime {
     /// `fv-app` thread: another node's lifecycle event reaches QEMU. For a
     /// reset, waits until this host has reset (or [`RESET_WAIT`] passed).
     pub(super) fn deliver_lifecycle(&self, event: Lifecycle, from: NodeId) {
+        self.state.lock().expect("lock").peer_event(event);
         if event != Lifecycle::Reset {
-            self.state.lock().expect("lock").peer_event(event);
             self.host.lifecycle(event, from);
             return;
         }
-        self.state.lock().expect("lock").peer_event(event);
         self.reset.begin();
         self.host.lifecycle(event, from);
         if !self.reset.wait(RESET_WAIT) {

@@ -2,7 +2,9 @@
 # Fetch a stock Debian 12 x86_64 kernel for FragVisor guests WITHOUT installing
 # it on the host: `apt-get download` the package into the cache, extract it with
 # `dpkg-deb -x`, check its config for what the guest needs, and print the path
-# of vmlinuz as the LAST line of stdout.
+# of vmlinuz as the LAST line of stdout. Beside vmlinuz: config, System.map,
+# VERSION and modules/ (the package's lib/modules/<version> tree: the KVM and
+# virtio modules that host images and system images load).
 #
 # Env:
 #   FV_GUEST_KERNEL_FLAVOUR  cloud-amd64 (default) or amd64 — the Debian flavour;
@@ -16,6 +18,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../scripts/lib/common.sh
 . "$here/../scripts/lib/common.sh"
 
+fv_apt_install kmod
 flavour=${FV_GUEST_KERNEL_FLAVOUR:-cloud-amd64}
 kcache="$FV_CACHE/guest-kernel"
 mkdir -p "$kcache"
@@ -56,7 +59,7 @@ ver=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
 { [ -n "$ver" ] && [ "$ver" != "(none)" ]; } || fv_die "package $pkg has no install candidate"
 dest="$kcache/${pkg}_${ver}"
 
-if [ ! -f "$dest/vmlinuz" ]; then
+if [ ! -f "$dest/vmlinuz" ] || [ ! -f "$dest/modules/modules.dep" ]; then
     fv_log "downloading $pkg $ver"
     tmp=$(mktemp -d "$kcache/.dl.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
@@ -72,6 +75,9 @@ if [ ! -f "$dest/vmlinuz" ]; then
     cp "$tmp/x/boot/vmlinuz-$kver" "$tmp/out/vmlinuz"
     cp "$tmp/x/boot/config-$kver" "$tmp/out/config"
     cp "$tmp/x/boot/System.map-$kver" "$tmp/out/System.map" 2>/dev/null || true
+    # The package ships no modules.dep: depmod makes it at install time.
+    depmod -b "$tmp/x" "$kver" || fv_die "depmod failed for $kver"
+    mv "$tmp/x/lib/modules/$kver" "$tmp/out/modules"
     printf '%s\n' "$pkg" "$ver" "$kver" > "$tmp/out/VERSION"
     check_config "$tmp/out/config"
     rm -rf "$dest"

@@ -48,3 +48,36 @@ fv_apt_install_retry() {
 
 # Print the sha256 of stdin.
 fv_sha256() { sha256sum | cut -d' ' -f1; }
+
+# Print the modules (paths relative to MODDIR) that loading the named modules
+# needs, dependencies first, each once: fv_module_closure MODDIR NAME...
+# Names as modprobe takes them (dashes and underscores alike).
+fv_module_closure() {
+    local moddir=$1
+    shift
+    awk -v want="$*" '
+        function norm(s) { gsub(/-/, "_", s); return s }
+        function base(p,   b) { b = p; sub(/.*\//, "", b); sub(/\.ko(\.[a-z]+)?$/, "", b); return norm(b) }
+        function visit(p,   n, i, d) {
+            if (p in seen) return
+            seen[p] = 1
+            n = split(deps[p], d, " ")
+            # modules.dep lists the full closure, nearest first: load in reverse.
+            for (i = n; i >= 1; i--) visit(d[i])
+            print p
+        }
+        {
+            p = $1; sub(/:$/, "", p)
+            deps[p] = ""
+            for (i = 2; i <= NF; i++) deps[p] = deps[p] " " $i
+            byname[base(p)] = p
+        }
+        END {
+            n = split(want, w, " ")
+            for (i = 1; i <= n; i++) {
+                k = norm(w[i])
+                if (!(k in byname)) { print "missing module " w[i] > "/dev/stderr"; exit 1 }
+                visit(byname[k])
+            }
+        }' "$moddir/modules.dep"
+}

@@ -14,6 +14,7 @@ pub mod key;
 pub mod netns;
 pub mod spec;
 pub mod supervise;
+pub mod virtual_hosts;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use crate::config::{Engine, PeerAddr};
 use cmdline::{cluster_script, node_args, ClusterAddrs};
 use spec::{FileConfig, NetMode, Overrides, VmSpec, DEFAULT_PORT};
 use supervise::{run_nodes, stdin_forwardable, NodeCommand, Supervision};
+use virtual_hosts::{HostImage, HostVmOptions, Segment};
 
 /// Why the launcher stopped before (or instead of) running the VM.
 #[derive(Debug, Error)]
@@ -135,8 +137,14 @@ pub struct VmArgs {
     #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
     qemu_arg: Vec<String>,
     /// One network namespace per node (root), instead of loopback.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "virtual_hosts")]
     netns: bool,
+    /// Run the nodes in N host VMs of a virtual cluster on this machine
+    /// (root): each its own kernel with KVM (nested SVM under TCG), one
+    /// virtual Ethernet segment between them. Sets --nodes to N. See
+    /// docs/virtual-cluster.md.
+    #[arg(long, value_name = "N")]
+    virtual_hosts: Option<u32>,
     /// Port: loopback nodes use PORT, PORT+1, ... [default: free ports];
     /// every node uses it in namespaces and on a real cluster [default: 7400].
     #[arg(long)]
@@ -174,6 +182,22 @@ pub struct RunArgs {
     /// With --print-commands: the cluster's hosts, in node-id order.
     #[arg(long, value_delimiter = ',')]
     hosts: Vec<String>,
+    /// With --virtual-hosts: the host image directory (vmlinuz,
+    /// initramfs.cpio) [default: $FRAGVISOR_HOST_IMAGE, else the newest
+    /// scripts/virtual-cluster/build-host-image.sh built].
+    #[arg(long, value_name = "DIR")]
+    host_image: Option<PathBuf>,
+    /// With --virtual-hosts: vCPUs of each host VM [default: 2].
+    #[arg(long, value_name = "N")]
+    host_smp: Option<u32>,
+    /// With --virtual-hosts: RAM of each host VM [default: the guest's RAM
+    /// + 768M].
+    #[arg(long, value_parser = spec::parse_memory, value_name = "SIZE")]
+    host_memory: Option<u64>,
+    /// With --virtual-hosts: `tc netem` arguments for every host's link,
+    /// e.g. "delay 2ms" or "delay 1ms loss 0.1%".
+    #[arg(long, value_name = "NETEM")]
+    host_link: Option<String>,
 }
 
 /// `fragvisor print`.
@@ -199,8 +223,24 @@ impl VmArgs {
         };
         let mut qemu_args = self.qemu_arg;
         qemu_args.extend(self.extra);
+        let nodes = match (self.virtual_hosts, self.nodes) {
+            (Some(v), Some(n)) if v != n => {
+                return Err(LaunchError::Usage(format!(
+                    "--virtual-hosts {v} and --nodes {n} disagree: a virtual cluster runs one node per host VM"
+                )))
+            }
+            (Some(v), _) => Some(v),
+            (None, n) => n,
+        };
+        let network = if self.netns {
+            Some(NetMode::Netns)
+        } else if self.virtual_hosts.is_some() {
+            Some(NetMode::VirtualHosts)
+        } else {
+            None
+        };
         let flags = Overrides {
-            nodes: self.nodes,
+            nodes,
             engine: self.engine,
             machine: self.machine,
             smp: self.smp,
@@ -218,7 +258,7 @@ impl VmArgs {
             append: self.append,
             qemu_args,
             qemu: self.qemu,
-            network: self.netns.then_some(NetMode::Netns),
+            network,
             port: self.port,
             hosts: (!hosts.is_empty()).then_some(hosts),
             peer_timeout_ms: self.peer_timeout_ms,
@@ -312,9 +352,13 @@ fn print_cmd(mut spec: VmSpec, local: bool) -> Result<ExitCode, LaunchError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_cmd(spec: VmSpec) -> Result<ExitCode, LaunchError> {
+fn run_cmd(spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchError> {
     spec.check_local_files()?;
     let qemu = resolve_qemu(spec.qemu.as_deref())?;
+    let image = match spec.network {
+        NetMode::VirtualHosts => Some(HostImage::resolve(hosts.image.as_deref())?),
+        _ => None,
+    };
 
     let mut temp_key = None;
     let key_file = if spec.nodes > 1 {
@@ -331,65 +375,105 @@ fn run_cmd(spec: VmSpec) -> Result<ExitCode, LaunchError> {
         None
     };
 
+    // Dropped (namespaces and run files removed) after the nodes end.
     let mut netns = None;
-    let peers: Vec<PeerAddr> = match spec.network {
-        NetMode::Netns => {
-            let (n, ips) = netns::Netns::create(spec.nodes)?;
-            netns = Some(n);
-            let port = spec.port.unwrap_or(DEFAULT_PORT);
-            ips.into_iter()
-                .map(|host| PeerAddr { host, port })
-                .collect()
-        }
-        NetMode::Loopback => match spec.port {
-            Some(base) => (0..spec.nodes)
-                .map(|k| {
-                    u16::try_from(u32::from(base) + k)
-                        .map(|port| PeerAddr {
-                            host: "127.0.0.1".into(),
-                            port,
-                        })
-                        .map_err(|_| {
-                            LaunchError::Usage(format!(
-                                "port={base}: {} consecutive ports do not fit below 65536",
-                                spec.nodes
-                            ))
-                        })
-                })
-                .collect::<Result<_, _>>()?,
-            None => free_loopback_addrs(spec.nodes)?,
-        },
-    };
-    let addrs = ClusterAddrs {
-        peers: if spec.nodes > 1 {
-            peers.clone()
-        } else {
-            Vec::new()
-        },
-        key_file,
-    };
-
+    let mut segment = None;
     let mut commands = Vec::new();
-    for k in 0..spec.nodes {
-        let args = node_args(&spec, k, &addrs)?;
-        commands.push(match &netns {
-            Some(n) => {
-                let mut full = vec!["netns".to_string(), "exec".into(), n.ns(k)];
-                full.push(qemu.display().to_string());
-                full.extend(args);
-                NodeCommand {
+    let peers: Vec<PeerAddr> = match spec.network {
+        NetMode::VirtualHosts => {
+            let image = image.as_ref().expect("resolved above");
+            let seg = Segment::create(spec.nodes, hosts.link.as_deref())?;
+            let (inner, addrs, files) = virtual_hosts::inside_view(&spec, key_file.as_deref());
+            for k in 0..spec.nodes {
+                let payload = seg.file(&format!("payload{k}.tar"));
+                let report = seg.file(&format!("status{k}"));
+                let script = virtual_hosts::node_script(&inner, k, &addrs)?;
+                virtual_hosts::write_payload(&payload, &script, &files)?;
+                let mut args = vec!["netns".to_string(), "exec".into(), seg.ns().to_string()];
+                args.push(qemu.display().to_string());
+                args.extend(virtual_hosts::host_vm_args(
+                    image,
+                    hosts,
+                    spec.memory_mib,
+                    k,
+                    &payload,
+                    &report,
+                ));
+                commands.push(NodeCommand {
                     node: k,
                     program: PathBuf::from("ip"),
-                    args: full,
-                }
+                    args,
+                    exit_report: Some(report),
+                });
             }
-            None => NodeCommand {
-                node: k,
-                program: qemu.clone(),
-                args,
-            },
-        });
-    }
+            eprintln!(
+                "fragvisor: virtual cluster in network namespace {ns}: host K is {subnet}.(K+1) on \
+                 tap fvtapK (slow a link: ip netns exec {ns} tc qdisc add dev fvtapK root netem delay 2ms; \
+                 cut it: ip -n {ns} link set fvtapK down)",
+                ns = seg.ns(),
+                subnet = virtual_hosts::SUBNET,
+            );
+            segment = Some(seg);
+            (0..spec.nodes)
+                .map(|k| PeerAddr {
+                    host: virtual_hosts::host_addr(k),
+                    port: spec.port.unwrap_or(DEFAULT_PORT),
+                })
+                .collect()
+        }
+        NetMode::Netns => {
+            let (n, ips) = netns::Netns::create(spec.nodes)?;
+            let port = spec.port.unwrap_or(DEFAULT_PORT);
+            let peers: Vec<PeerAddr> = ips
+                .into_iter()
+                .map(|host| PeerAddr { host, port })
+                .collect();
+            let addrs = cluster_addrs(&spec, &peers, key_file.clone());
+            for k in 0..spec.nodes {
+                let mut args = vec!["netns".to_string(), "exec".into(), n.ns(k)];
+                args.push(qemu.display().to_string());
+                args.extend(node_args(&spec, k, &addrs)?);
+                commands.push(NodeCommand {
+                    node: k,
+                    program: PathBuf::from("ip"),
+                    args,
+                    exit_report: None,
+                });
+            }
+            netns = Some(n);
+            peers
+        }
+        NetMode::Loopback => {
+            let peers: Vec<PeerAddr> = match spec.port {
+                Some(base) => (0..spec.nodes)
+                    .map(|k| {
+                        u16::try_from(u32::from(base) + k)
+                            .map(|port| PeerAddr {
+                                host: "127.0.0.1".into(),
+                                port,
+                            })
+                            .map_err(|_| {
+                                LaunchError::Usage(format!(
+                                    "port={base}: {} consecutive ports do not fit below 65536",
+                                    spec.nodes
+                                ))
+                            })
+                    })
+                    .collect::<Result<_, _>>()?,
+                None => free_loopback_addrs(spec.nodes)?,
+            };
+            let addrs = cluster_addrs(&spec, &peers, key_file.clone());
+            for k in 0..spec.nodes {
+                commands.push(NodeCommand {
+                    node: k,
+                    program: qemu.clone(),
+                    args: node_args(&spec, k, &addrs)?,
+                    exit_report: None,
+                });
+            }
+            peers
+        }
+    };
 
     eprintln!(
         "fragvisor: starting {} node(s): {}, machine {}, {} vCPUs, {} MiB{}, {} ({}); origin console follows",
@@ -399,10 +483,7 @@ fn run_cmd(spec: VmSpec) -> Result<ExitCode, LaunchError> {
         spec.smp,
         spec.memory_mib,
         if spec.numa { ", NUMA node per host" } else { "" },
-        match spec.network {
-            NetMode::Loopback => "loopback",
-            NetMode::Netns => "one network namespace per node",
-        },
+        spec.network.describe(),
         peers
             .iter()
             .map(PeerAddr::to_string)
@@ -416,6 +497,7 @@ fn run_cmd(spec: VmSpec) -> Result<ExitCode, LaunchError> {
     };
     let outcome = run_nodes(&commands, &sup);
     drop(netns);
+    drop(segment);
     drop(temp_key);
     let outcome = outcome?;
     let (code, message) = outcome.verdict(spec.stop_timeout);
@@ -429,12 +511,39 @@ fn run_cmd(spec: VmSpec) -> Result<ExitCode, LaunchError> {
     Ok(ExitCode::from(code))
 }
 
+/// The peers and key every node is given (none for one node).
+fn cluster_addrs(spec: &VmSpec, peers: &[PeerAddr], key_file: Option<PathBuf>) -> ClusterAddrs {
+    ClusterAddrs {
+        peers: if spec.nodes > 1 {
+            peers.to_vec()
+        } else {
+            Vec::new()
+        },
+        key_file,
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<ExitCode, LaunchError> {
     match cli.command {
         Cmd::Run(r) => {
             let local = r.hosts.is_empty();
             let print = r.print_commands;
+            let host_flags = r.host_image.is_some()
+                || r.host_smp.is_some()
+                || r.host_memory.is_some()
+                || r.host_link.is_some();
+            let host_vms = HostVmOptions {
+                image: r.host_image,
+                smp: r.host_smp.unwrap_or(virtual_hosts::DEFAULT_HOST_SMP),
+                memory_mib: r.host_memory.unwrap_or(0),
+                link: r.host_link,
+            };
             let spec = r.vm.into_spec(r.hosts, r.stop_timeout, r.timeout)?;
+            if host_flags && spec.network != NetMode::VirtualHosts {
+                return Err(LaunchError::Usage(
+                    "--host-image, --host-smp, --host-memory and --host-link need --virtual-hosts N".into(),
+                ));
+            }
             if print {
                 print_cmd(spec, local)
             } else {
@@ -444,7 +553,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, LaunchError> {
                             .into(),
                     ));
                 }
-                run_cmd(spec)
+                run_cmd(spec, &host_vms)
             }
         }
         Cmd::Print(p) => {

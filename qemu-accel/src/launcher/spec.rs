@@ -18,6 +18,8 @@ pub const DEFAULT_MEMORY_MIB: u64 = 512;
 pub const DEFAULT_PORT: u16 = 7400;
 /// Default time the survivors get to stop after the first node exits.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for host VMs, which also shut their own kernel down (emulated).
+pub const DEFAULT_HOST_VM_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the nodes of a local run reach each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -27,6 +29,20 @@ pub enum NetMode {
     Loopback,
     /// One network namespace per node, veth pairs joined by a bridge.
     Netns,
+    /// One host VM per node (its own kernel and KVM), on one virtual
+    /// Ethernet segment ([`super::virtual_hosts`]).
+    VirtualHosts,
+}
+
+impl NetMode {
+    /// How the launcher names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NetMode::Loopback => "loopback",
+            NetMode::Netns => "one network namespace per node",
+            NetMode::VirtualHosts => "one host VM per node",
+        }
+    }
 }
 
 /// Parse an engine name as typed after `-accel`.
@@ -131,7 +147,7 @@ pub struct FileConfig {
     pub qemu_args: Option<Vec<String>>,
     /// The patched `qemu-system-x86_64`.
     pub qemu: Option<PathBuf>,
-    /// `loopback` or `netns`.
+    /// `loopback`, `netns` or `virtual-hosts`.
     pub network: Option<NetMode>,
     /// Port: the first of consecutive loopback ports, or every node's port
     /// on a real cluster and in network namespaces.
@@ -321,8 +337,10 @@ impl VmSpec {
         }
         let mut qemu_args = file.qemu_args.unwrap_or_default();
         qemu_args.extend(flags.qemu_args);
+        let network = flags.network.or(file.network).unwrap_or(NetMode::Loopback);
         let stop_timeout = match flags.stop_timeout.or(file.stop_timeout) {
             Some(s) => seconds("stop-timeout", s)?,
+            None if network == NetMode::VirtualHosts => DEFAULT_HOST_VM_STOP_TIMEOUT,
             None => DEFAULT_STOP_TIMEOUT,
         };
         let timeout = flags
@@ -358,7 +376,7 @@ impl VmSpec {
             append,
             qemu_args,
             qemu: flags.qemu.or(file.qemu),
-            network: flags.network.or(file.network).unwrap_or(NetMode::Loopback),
+            network,
             port,
             hosts,
             peer_timeout_ms: flags.peer_timeout_ms.or(file.peer_timeout_ms),

@@ -31,6 +31,10 @@ pub struct NodeCommand {
     pub program: PathBuf,
     /// Its arguments.
     pub args: Vec<String>,
+    /// A host VM's status report ([`super::virtual_hosts::node_status`]):
+    /// when set, the program is a host VM and the node's exit status is
+    /// the one reported there.
+    pub exit_report: Option<PathBuf>,
 }
 
 /// How to supervise the nodes.
@@ -279,6 +283,7 @@ fn forward_stdin(mut to: ChildStdin) {
 
 struct Running {
     node: u32,
+    exit_report: Option<PathBuf>,
     child: Child,
     status: Option<ExitStatus>,
     signaled: bool,
@@ -336,8 +341,12 @@ pub fn run_nodes(commands: &[NodeCommand], sup: &Supervision) -> Result<Outcome,
             thread::spawn(move || copy_prefixed(err, prefix, tx));
             streams += 1;
         }
+        if cmd.exit_report.is_some() {
+            eprintln!("fragvisor: host VM {}: pid {}", cmd.node, child.id());
+        }
         nodes.push(Running {
             node: cmd.node,
+            exit_report: cmd.exit_report.clone(),
             child,
             status: None,
             signaled: false,
@@ -388,7 +397,14 @@ pub fn run_nodes(commands: &[NodeCommand], sup: &Supervision) -> Result<Outcome,
             let status = n.child.try_wait().map_err(|e| {
                 LaunchError::Runtime(format!("cannot wait for node {}: {e}", n.node))
             })?;
-            let Some(s) = status else { continue };
+            let Some(mut s) = status else { continue };
+            if let Some(report) = &n.exit_report {
+                let (node, why) = super::virtual_hosts::node_status(s, report);
+                if let Some(why) = why {
+                    eprintln!("fragvisor: host VM {}: {why}", n.node);
+                }
+                s = node;
+            }
             n.status = Some(s);
             tracing::debug!(node = n.node, status = %s, "node exited");
             if outcome.first_exit.is_none() {

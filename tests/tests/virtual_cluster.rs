@@ -291,6 +291,9 @@ fn kvm_two_host_vms_test_kernel_sipi_ipis_and_remote_port_io() {
 }
 
 #[test]
+#[ignore = "flaky below us: TCG's emulated SVM reset the guest and took the host VM's kernel \
+            down in 3 of 9 runs (an oops in __svm_vcpu_run); run it with --ignored \
+            (docs/virtual-cluster.md)"]
 fn kvm_one_host_vm_linux_workloads_and_poweroff() {
     let _one = serialize();
     let (kernel, initrd) = linux_guest();

@@ -400,7 +400,8 @@ pub fn run_nodes(commands: &[NodeCommand], sup: &Supervision) -> Result<Outcome,
             let Some(mut s) = status else { continue };
             if let Some(report) = &n.exit_report {
                 let (node, why) = super::virtual_hosts::node_status(s, report);
-                if let Some(why) = why {
+                // A host VM the launcher stopped has no report to give.
+                if let Some(why) = why.filter(|_| !n.signaled) {
                     eprintln!("fragvisor: host VM {}: {why}", n.node);
                 }
                 s = node;

@@ -227,11 +227,21 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-fn linux_guest() -> (PathBuf, PathBuf) {
-    (
-        artifact_from_script("FRAGVISOR_GUEST_KERNEL", "guest-kernel/fetch-kernel.sh"),
-        artifact_from_script("FRAGVISOR_INITRAMFS", "guest-kernel/build-initramfs.sh"),
-    )
+/// `run` flags for the Debian kernel + busybox guest with `smp` vCPUs,
+/// running every workload and powering off.
+fn linux_args(smp: u32) -> Vec<String> {
+    let kernel = artifact_from_script("FRAGVISOR_GUEST_KERNEL", "guest-kernel/fetch-kernel.sh");
+    let initrd = artifact_from_script("FRAGVISOR_INITRAMFS", "guest-kernel/build-initramfs.sh");
+    vec![
+        "--smp".into(),
+        smp.to_string(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        initrd.display().to_string(),
+        "--append".into(),
+        "console=ttyS0 clocksource=tsc tsc=reliable panic=-1 fv.workload=all".into(),
+    ]
 }
 
 fn strings(xs: &[&str]) -> Vec<String> {
@@ -296,15 +306,7 @@ fn kvm_two_host_vms_test_kernel_sipi_ipis_and_remote_port_io() {
             (docs/virtual-cluster.md)"]
 fn kvm_one_host_vm_linux_workloads_and_poweroff() {
     let _one = serialize();
-    let (kernel, initrd) = linux_guest();
-    let mut args = strings(&["--smp", "2", "--kernel"]);
-    args.push(kernel.display().to_string());
-    args.push("--initrd".into());
-    args.push(initrd.display().to_string());
-    args.extend(strings(&[
-        "--append",
-        "console=ttyS0 clocksource=tsc tsc=reliable panic=-1 fv.workload=all",
-    ]));
+    let args = linux_args(2);
     let run = VirtualCluster::start(1, &args).finish(Duration::from_secs(300));
     let all = run.transcript();
     assert_eq!(run.code(), Some(0), "{all}");
@@ -326,15 +328,7 @@ fn kvm_one_host_vm_linux_workloads_and_poweroff() {
             within 15 s (its DSM threads stall; docs/virtual-cluster.md, 'Open')"]
 fn kvm_killed_host_vm_stops_the_origin_naming_it() {
     let _one = serialize();
-    let (kernel, initrd) = linux_guest();
-    let mut args = strings(&["--smp", "2", "--kernel"]);
-    args.push(kernel.display().to_string());
-    args.push("--initrd".into());
-    args.push(initrd.display().to_string());
-    args.extend(strings(&[
-        "--append",
-        "console=ttyS0 clocksource=tsc tsc=reliable panic=-1 fv.workload=all",
-    ]));
+    let args = linux_args(2);
     let mut vc = VirtualCluster::start(2, &args);
     let pid = vc.host_vm_pid(1);
     // Both nodes joined and the guest runs on the KVM engine.

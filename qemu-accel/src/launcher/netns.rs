@@ -6,13 +6,19 @@ use std::process::Command;
 use super::LaunchError;
 
 fn ip(args: &[&str]) -> Result<(), LaunchError> {
-    let out = Command::new("ip")
+    run_tool("ip", args, "network namespaces need root")
+}
+
+/// Run `program` (`ip`, `tc`) with `args`; a failure names the command, its
+/// message and `hint`.
+pub(super) fn run_tool(program: &str, args: &[&str], hint: &str) -> Result<(), LaunchError> {
+    let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| LaunchError::Runtime(format!("cannot run ip (iproute2): {e}")))?;
+        .map_err(|e| LaunchError::Runtime(format!("cannot run {program}: {e}")))?;
     if !out.status.success() {
         return Err(LaunchError::Runtime(format!(
-            "ip {} failed: {} (network namespaces need root)",
+            "{program} {} failed: {} ({hint})",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )));

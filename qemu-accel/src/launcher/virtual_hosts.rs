@@ -23,7 +23,7 @@ use std::fs::{DirBuilder, File};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 
 use super::cmdline::{node_args, shell_line, ClusterAddrs};
 use super::spec::{VmSpec, DEFAULT_PORT};
@@ -309,18 +309,7 @@ fn ip(args: &[&str]) -> Result<(), LaunchError> {
 }
 
 fn run(program: &str, args: &[&str]) -> Result<(), LaunchError> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| LaunchError::Runtime(format!("cannot run {program}: {e}")))?;
-    if !out.status.success() {
-        return Err(LaunchError::Runtime(format!(
-            "{program} {} failed: {} (a virtual cluster needs root)",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    super::netns::run_tool(program, args, "a virtual cluster needs root")
 }
 
 /// The run's private state: a 0700 directory (payloads, status reports)

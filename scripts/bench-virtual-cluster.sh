@@ -31,7 +31,7 @@ trap 'rm -rf "$WORK"' EXIT
 make -s -C guest-kernel "O=$WORK/tk" >&2
 KERNEL=$WORK/tk/fvtest.elf
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "null"; else print a[int((NR + 1) / 2)] }'; }
+median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "null"; else print a[int((NR + 1) / 2)] }'; }
 
 json="{\"guest\":\"testkernel\",\"runs\":$RUNS,\"host_cpus\":$(nproc)"
 table=()
@@ -46,7 +46,7 @@ for engine in $ENGINES; do
             ./target/release/fragvisor run --virtual-hosts "$h" --engine "$engine" --smp $((2 * h)) --no-numa \
                 --qemu "$QEMU" --host-image "$IMAGE" --kernel "$KERNEL" --timeout 300 \
                 -- -device isa-debug-exit,iobase=0xf4,iosize=0x04 </dev/null 2>"$out.err" |
-                while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "${line%$'\r'}"; done >"$out.con"
+                while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "${line//$'\r'/}"; done >"$out.con"
             rc=${PIPESTATUS[0]}
             set -e
             pass=$(awk '$2 == "FVTEST:" && $3 == "PASS" { print $1; exit }' "$out.con")

@@ -11,10 +11,9 @@ fv_apt_install busybox-static gcc libc6-dev
 
 busybox=/bin/busybox
 [ -x "$busybox" ] || fv_die "busybox-static did not install /bin/busybox"
-file -L "$busybox" 2>/dev/null | grep -q 'dynamically linked' && fv_die "/bin/busybox is not static"
 
 key=$( {
-    sha256sum "$busybox" "$here/initramfs/init" "$here/workloads/fvwork.c" "$here/build-initramfs.sh" | awk '{print $1}'
+    sha256sum "$busybox" "$here/initramfs/init" "$here/workloads/fvwork.c" "$here/build-initramfs.sh" "$here/../scripts/lib/common.sh" | awk '{print $1}'
     gcc --version | head -n1
 } | sha256sum | cut -c1-16)
 out_dir="$FV_CACHE/initramfs"
@@ -34,12 +33,8 @@ gcc -O2 -static -pthread -Wall -Wextra -o "$root/bin/fvwork" "$here/workloads/fv
 # The checksum constant must match what this compiler produces.
 "$root/bin/fvwork" cksum >/dev/null || fv_die "fvwork cksum self-check failed on the host"
 
-cp "$busybox" "$root/bin/busybox"
-for a in $("$busybox" --list); do
-    [ "$a" = busybox ] || ln -s busybox "$root/bin/$a"
-done
+fv_busybox_root "$root"
 install -m 0755 "$here/initramfs/init" "$root/init"
-echo 'root:x:0:0:root:/root:/bin/sh' > "$root/etc/passwd"
 
 # A few device nodes in case devtmpfs is unavailable (needs root; optional).
 mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true

@@ -81,3 +81,16 @@ fv_module_closure() {
             }
         }' "$moddir/modules.dep"
 }
+
+# Put the static busybox and its applets (as links) into the initramfs tree
+# ROOT, with a root entry in /etc/passwd: fv_busybox_root ROOT
+fv_busybox_root() {
+    local root=$1 a
+    file -L /bin/busybox 2>/dev/null | grep -q 'dynamically linked' && fv_die "/bin/busybox is not static"
+    mkdir -p "$root/bin" "$root/etc"
+    cp /bin/busybox "$root/bin/busybox"
+    for a in $(/bin/busybox --list); do
+        [ "$a" = busybox ] || ln -s busybox "$root/bin/$a"
+    done
+    echo 'root:x:0:0:root:/root:/bin/sh' > "$root/etc/passwd"
+}

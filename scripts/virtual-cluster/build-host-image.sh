@@ -34,7 +34,7 @@ firmware=(/usr/share/seabios/bios-256k.bin /usr/share/seabios/bios.bin
 
 mods=$(fv_module_closure "$moddir" "${wanted[@]}")
 key=$( {
-    sha256sum "$qemu" "$kernel" "$here/host-init" "$0" /bin/busybox | awk '{print $1}'
+    sha256sum "$qemu" "$kernel" "$here/host-init" "$0" "$here/../lib/common.sh" /bin/busybox | awk '{print $1}'
     echo "$mods"
     sha256sum "${firmware[@]}" | awk '{print $1}'
 } | fv_sha256 | cut -c1-16)
@@ -49,12 +49,8 @@ trap 'rm -rf "$tmp"' EXIT
 root="$tmp/root"
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,etc,root,lib/modules,opt/fragvisor/bin}
 
-cp /bin/busybox "$root/bin/busybox"
-for a in $(/bin/busybox --list); do
-    [ "$a" = busybox ] || ln -s busybox "$root/bin/$a"
-done
+fv_busybox_root "$root"
 install -m 0755 "$here/host-init" "$root/init"
-echo 'root:x:0:0:root:/root:/bin/sh' > "$root/etc/passwd"
 
 : > "$root/etc/fv-modules"
 for m in $mods; do

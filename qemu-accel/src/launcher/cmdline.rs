@@ -15,6 +15,24 @@ pub struct ClusterAddrs {
     pub key_file: Option<PathBuf>,
 }
 
+impl ClusterAddrs {
+    /// What every node of `spec` is given: `peers` and `key_file`, or
+    /// nothing for a one-node VM (it has no DSM).
+    pub fn new(spec: &VmSpec, peers: &[PeerAddr], key_file: Option<PathBuf>) -> ClusterAddrs {
+        if spec.nodes > 1 {
+            ClusterAddrs {
+                peers: peers.to_vec(),
+                key_file,
+            }
+        } else {
+            ClusterAddrs {
+                peers: Vec::new(),
+                key_file: None,
+            }
+        }
+    }
+}
+
 /// QEMU's option syntax: a `,` inside a value is written `,,`.
 pub fn escape_opt_value(value: &str) -> String {
     value.replace(',', ",,")
@@ -189,14 +207,7 @@ pub fn cluster_script(spec: &VmSpec, qemu: &Path) -> Result<String, LaunchError>
         .key_file
         .clone()
         .unwrap_or_else(|| PathBuf::from(CLUSTER_KEY_PATH));
-    let addrs = ClusterAddrs {
-        key_file: (spec.nodes > 1).then(|| key.clone()),
-        peers: if spec.nodes > 1 {
-            peers.clone()
-        } else {
-            Vec::new()
-        },
-    };
+    let addrs = ClusterAddrs::new(spec, &peers, Some(key.clone()));
     let mut out = String::new();
     out.push_str(&format!(
         "# FragVisor aggregate VM: {} node(s), {}, machine {}, {} vCPUs, {} MiB{}\n",

@@ -355,10 +355,6 @@ fn print_cmd(mut spec: VmSpec, local: bool) -> Result<ExitCode, LaunchError> {
 fn run_cmd(spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchError> {
     spec.check_local_files()?;
     let qemu = resolve_qemu(spec.qemu.as_deref())?;
-    let image = match spec.network {
-        NetMode::VirtualHosts => Some(HostImage::resolve(hosts.image.as_deref())?),
-        _ => None,
-    };
 
     let mut temp_key = None;
     let key_file = if spec.nodes > 1 {
@@ -381,28 +377,28 @@ fn run_cmd(spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchError>
     let mut commands = Vec::new();
     let peers: Vec<PeerAddr> = match spec.network {
         NetMode::VirtualHosts => {
-            let image = image.as_ref().expect("resolved above");
+            let image = HostImage::resolve(hosts.image.as_deref())?;
             let seg = Segment::create(spec.nodes, hosts.link.as_deref())?;
-            let (inner, addrs, files) = virtual_hosts::inside_view(&spec, key_file.as_deref());
+            let peers = virtual_hosts::segment_peers(&spec);
+            let (inner, addrs, files) =
+                virtual_hosts::inside_view(&spec, &peers, key_file.as_deref());
             for k in 0..spec.nodes {
                 let payload = seg.file(&format!("payload{k}.tar"));
                 let report = seg.file(&format!("status{k}"));
                 let script = virtual_hosts::node_script(&inner, k, &addrs)?;
                 virtual_hosts::write_payload(&payload, &script, &files)?;
-                let mut args = vec!["netns".to_string(), "exec".into(), seg.ns().to_string()];
-                args.push(qemu.display().to_string());
-                args.extend(virtual_hosts::host_vm_args(
-                    image,
+                let vm = virtual_hosts::host_vm_args(
+                    &image,
                     hosts,
                     spec.memory_mib,
                     k,
                     &payload,
                     &report,
-                ));
+                );
                 commands.push(NodeCommand {
                     node: k,
                     program: PathBuf::from("ip"),
-                    args,
+                    args: in_netns(seg.ns(), &qemu, vm),
                     exit_report: Some(report),
                 });
             }
@@ -414,12 +410,7 @@ fn run_cmd(spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchError>
                 subnet = virtual_hosts::SUBNET,
             );
             segment = Some(seg);
-            (0..spec.nodes)
-                .map(|k| PeerAddr {
-                    host: virtual_hosts::host_addr(k),
-                    port: spec.port.unwrap_or(DEFAULT_PORT),
-                })
-                .collect()
+            peers
         }
         NetMode::Netns => {
             let (n, ips) = netns::Netns::create(spec.nodes)?;
@@ -428,15 +419,12 @@ fn run_cmd(spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchError>
                 .into_iter()
                 .map(|host| PeerAddr { host, port })
                 .collect();
-            let addrs = cluster_addrs(&spec, &peers, key_file.clone());
+            let addrs = ClusterAddrs::new(&spec, &peers, key_file.clone());
             for k in 0..spec.nodes {
-                let mut args = vec!["netns".to_string(), "exec".into(), n.ns(k)];
-                args.push(qemu.display().to_string());
-                args.extend(node_args(&spec, k, &addrs)?);
                 commands.push(NodeCommand {
                     node: k,
                     program: PathBuf::from("ip"),
-                    args,
+                    args: in_netns(&n.ns(k), &qemu, node_args(&spec, k, &addrs)?),
                     exit_report: None,
                 });
             }
@@ -462,7 +450,7 @@ fn run_cmd(spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchError>
                     .collect::<Result<_, _>>()?,
                 None => free_loopback_addrs(spec.nodes)?,
             };
-            let addrs = cluster_addrs(&spec, &peers, key_file.clone());
+            let addrs = ClusterAddrs::new(&spec, &peers, key_file.clone());
             for k in 0..spec.nodes {
                 commands.push(NodeCommand {
                     node: k,
@@ -511,16 +499,13 @@ fn run_cmd(spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchError>
     Ok(ExitCode::from(code))
 }
 
-/// The peers and key every node is given (none for one node).
-fn cluster_addrs(spec: &VmSpec, peers: &[PeerAddr], key_file: Option<PathBuf>) -> ClusterAddrs {
-    ClusterAddrs {
-        peers: if spec.nodes > 1 {
-            peers.to_vec()
-        } else {
-            Vec::new()
-        },
-        key_file,
-    }
+/// `ip netns exec NS QEMU ARGS...`: the arguments of `ip` that run `qemu`
+/// in namespace `ns`.
+fn in_netns(ns: &str, qemu: &Path, args: Vec<String>) -> Vec<String> {
+    let mut full = vec!["netns".to_string(), "exec".into(), ns.to_string()];
+    full.push(qemu.display().to_string());
+    full.extend(args);
+    full
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode, LaunchError> {
@@ -535,7 +520,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, LaunchError> {
             let host_vms = HostVmOptions {
                 image: r.host_image,
                 smp: r.host_smp.unwrap_or(virtual_hosts::DEFAULT_HOST_SMP),
-                memory_mib: r.host_memory.unwrap_or(0),
+                memory_mib: r.host_memory,
                 link: r.host_link,
             };
             let spec = r.vm.into_spec(r.hosts, r.stop_timeout, r.timeout)?;

@@ -48,8 +48,9 @@ pub struct HostVmOptions {
     pub image: Option<PathBuf>,
     /// vCPUs of each host VM.
     pub smp: u32,
-    /// RAM of each host VM, MiB (0: the guest's RAM plus [`HOST_OVERHEAD_MIB`]).
-    pub memory_mib: u64,
+    /// RAM of each host VM, MiB (default: the guest's RAM plus
+    /// [`HOST_OVERHEAD_MIB`]).
+    pub memory_mib: Option<u64>,
     /// `tc netem` arguments applied to every host's link, e.g. `delay 2ms`.
     pub link: Option<String>,
 }
@@ -129,11 +130,24 @@ pub fn host_addr(k: u32) -> String {
     format!("{SUBNET}.{}", k + 1)
 }
 
+/// Every node's address on the segment, in node-id order.
+pub fn segment_peers(spec: &VmSpec) -> Vec<PeerAddr> {
+    let port = spec.port.unwrap_or(DEFAULT_PORT);
+    (0..spec.nodes)
+        .map(|k| PeerAddr {
+            host: host_addr(k),
+            port,
+        })
+        .collect()
+}
+
 /// The node's view of `spec` inside its host VM: its guest files and key
-/// in [`PAYLOAD_DIR`], the peers on the segment. Returns that spec, the
-/// cluster addresses and the files to pack (name in the payload, path here).
+/// in [`PAYLOAD_DIR`], the peers on the segment (`peers`). Returns that
+/// spec, the cluster addresses and the files to pack (name in the payload,
+/// path here).
 pub fn inside_view(
     spec: &VmSpec,
+    peers: &[PeerAddr],
     key_file: Option<&Path>,
 ) -> (VmSpec, ClusterAddrs, Vec<(String, PathBuf)>) {
     let mut inner = spec.clone();
@@ -146,22 +160,8 @@ pub fn inside_view(
     };
     inner.kernel = carry("kernel", &spec.kernel);
     inner.initrd = carry("initrd", &spec.initrd);
-    let key = carry("key", &key_file.map(Path::to_path_buf));
-    inner.key_file = key.clone();
-    let port = spec.port.unwrap_or(DEFAULT_PORT);
-    let addrs = ClusterAddrs {
-        peers: if spec.nodes > 1 {
-            (0..spec.nodes)
-                .map(|k| PeerAddr {
-                    host: host_addr(k),
-                    port,
-                })
-                .collect()
-        } else {
-            Vec::new()
-        },
-        key_file: key,
-    };
+    inner.key_file = carry("key", &key_file.map(Path::to_path_buf));
+    let addrs = ClusterAddrs::new(spec, peers, inner.key_file.clone());
     (inner, addrs, files)
 }
 
@@ -208,16 +208,7 @@ pub fn host_vm_args(
     payload: &Path,
     status: &Path,
 ) -> Vec<String> {
-    let mem = if opts.memory_mib == 0 {
-        guest_mib + HOST_OVERHEAD_MIB
-    } else {
-        opts.memory_mib
-    };
-    let smp = if opts.smp == 0 {
-        DEFAULT_HOST_SMP
-    } else {
-        opts.smp
-    };
+    let mem = opts.memory_mib.unwrap_or(guest_mib + HOST_OVERHEAD_MIB);
     let append = format!(
         "console=ttyS0 quiet tsc=reliable panic=-1 fv.host={k} fv.addr={}/24",
         host_addr(k)
@@ -230,7 +221,7 @@ pub fn host_vm_args(
         "-cpu",
         HOST_CPU,
         "-smp",
-        &smp.to_string(),
+        &opts.smp.to_string(),
         "-m",
         &format!("{mem}M"),
         "-nodefaults",
@@ -411,7 +402,12 @@ mod tests {
 
     #[test]
     fn the_node_sees_its_files_in_the_payload_and_peers_on_the_segment() {
-        let (inner, addrs, files) = inside_view(&spec(2), Some(Path::new("/tmp/k/cluster.key")));
+        let two = spec(2);
+        let (inner, addrs, files) = inside_view(
+            &two,
+            &segment_peers(&two),
+            Some(Path::new("/tmp/k/cluster.key")),
+        );
         assert_eq!(inner.kernel.as_deref(), Some(Path::new("/run/fv/kernel")));
         assert_eq!(inner.initrd.as_deref(), Some(Path::new("/run/fv/initrd")));
         assert_eq!(addrs.key_file.as_deref(), Some(Path::new("/run/fv/key")));
@@ -434,7 +430,8 @@ mod tests {
             "{script}"
         );
         // One node: no peers and no key.
-        let (_, one, files) = inside_view(&spec(1), None);
+        let one_node = spec(1);
+        let (_, one, files) = inside_view(&one_node, &segment_peers(&one_node), None);
         assert!(one.peers.is_empty() && one.key_file.is_none());
         assert_eq!(files.len(), 2);
     }

@@ -40,7 +40,7 @@ jobs=${FV_JOBS:-$(nproc)}
 configure_flags=(
     --target-list=x86_64-softmmu
     --without-default-features
-    --enable-kvm --enable-tcg
+    --enable-kvm --enable-tcg --enable-slirp
     --disable-docs --disable-werror --disable-rust
     --disable-install-blobs --disable-download
     "--firmwarepath=$FIRMWARE_PATH"
@@ -64,7 +64,7 @@ t0=$(date +%s)
 
 # --- 1. build dependencies ---------------------------------------------------
 fv_apt_install_retry gcc make ninja-build pkg-config libglib2.0-dev libpixman-1-dev \
-    zlib1g-dev flex bison python3-venv xz-utils patch \
+    zlib1g-dev flex bison python3-venv xz-utils patch libslirp-dev \
     seabios qemu-system-data
 fv_need_cargo
 

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::devices::device_args;
 use super::spec::VmSpec;
 use super::LaunchError;
 use crate::config::PeerAddr;
@@ -164,6 +165,12 @@ pub fn node_args(
     if let Some(ap) = &spec.append {
         push(&["-append", ap]);
     }
+    if spec.disk_info.len() != spec.disks.len() {
+        return Err(LaunchError::Runtime(
+            "internal: the disks were not probed before the command lines were made".into(),
+        ));
+    }
+    a.extend(device_args(&spec.devices(), &spec.disk_info, node));
     a.extend(spec.qemu_args.iter().cloned());
     Ok(a)
 }

@@ -10,11 +10,13 @@
 //! per-host commands for a real cluster. See `docs/launcher.md`.
 
 pub mod cmdline;
+pub mod devices;
 pub mod key;
 pub mod netns;
 pub mod spec;
 pub mod supervise;
 pub mod virtual_hosts;
+pub mod vm_registry;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -84,6 +86,19 @@ enum Cmd {
     Keygen {
         /// Where to write the key; must not exist.
         file: PathBuf,
+    },
+    /// Log into a running VM as root over its ssh port forward and run
+    /// CMD (a login shell without one); exits with ssh's status.
+    Ssh {
+        /// The VM's name (--name of `run`) [default: the only one running].
+        vm: Option<String>,
+        /// Keep trying for this many seconds while the guest's sshd does
+        /// not answer yet.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+        wait: f64,
+        /// The command to run in the guest.
+        #[arg(last = true, value_name = "CMD")]
+        cmd: Vec<String>,
     },
 }
 
@@ -159,6 +174,24 @@ pub struct VmArgs {
     /// Cluster key file [default: a fresh random key per run, 0600 temp file].
     #[arg(long)]
     key_file: Option<PathBuf>,
+    /// A disk on the origin, as a virtio-blk device:
+    /// PATH[,readonly][,format=raw|qcow2] (repeatable; the first boots
+    /// when there is no kernel). A FragVisor system image
+    /// (guest-kernel/build-system-image.sh) boots its own kernel.
+    #[arg(long = "disk", value_name = "IMAGE[,OPTS]", value_parser = devices::parse_disk)]
+    disks: Vec<devices::DiskSpec>,
+    /// A network link on the origin, as a virtio-net device:
+    /// user[,hostfwd=tcp::PORT-:22,...], tap,ifname=TAP[,queues=N], or
+    /// none (repeatable) [default with a disk: user, ssh forwarded from a
+    /// free port of 127.0.0.1].
+    #[arg(long = "net", value_name = "LINK", value_parser = devices::parse_net)]
+    nets: Vec<devices::NetArg>,
+    /// The VM's name, for `fragvisor ssh NAME` [default: vm-<pid>].
+    #[arg(long)]
+    name: Option<String>,
+    /// Root's ssh key in the guest [default: the system image's id_ed25519].
+    #[arg(long, value_name = "FILE")]
+    ssh_key: Option<PathBuf>,
     /// Extra QEMU arguments for every node.
     #[arg(last = true, value_name = "QEMU ARGS")]
     extra: Vec<String>,
@@ -266,6 +299,10 @@ impl VmArgs {
             key_file: self.key_file,
             stop_timeout,
             timeout,
+            disks: self.disks,
+            nets: self.nets,
+            name: self.name,
+            ssh_key: self.ssh_key,
         };
         VmSpec::resolve(file, flags)
     }
@@ -343,6 +380,10 @@ fn print_cmd(mut spec: VmSpec, local: bool) -> Result<ExitCode, LaunchError> {
     if spec.hosts.is_empty() && local {
         spec.hosts = loopback_hosts(&spec);
     }
+    spec.probe_disks()?;
+    if spec.nets.is_none() && !spec.disks.is_empty() {
+        spec.nets = Some(vec![devices::default_user_net(PRINTED_SSH_PORT)]);
+    }
     let qemu = match &spec.qemu {
         Some(q) => q.clone(),
         None if local => resolve_qemu(None).unwrap_or_else(|_| PathBuf::from("qemu-system-x86_64")),
@@ -352,9 +393,66 @@ fn print_cmd(mut spec: VmSpec, local: bool) -> Result<ExitCode, LaunchError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_cmd(spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchError> {
+/// The ssh forward's host port in printed real-cluster commands.
+const PRINTED_SSH_PORT: u16 = 2222;
+
+/// The checks and choices of a run's devices, before any node starts:
+/// every disk probed, the default link added, every forwarded port free.
+/// Returns the ssh entry to register, if the VM has an ssh forward.
+fn prepare_devices(spec: &mut VmSpec) -> Result<Option<vm_registry::VmEntry>, LaunchError> {
+    if spec.network == NetMode::VirtualHosts
+        && (!spec.disks.is_empty() || spec.nets.as_ref().is_some_and(|n| !n.is_empty()))
+    {
+        return Err(LaunchError::Usage(
+            "--disk and --net are not supported with --virtual-hosts yet (the devices would be \
+             inside host VM 0)"
+                .into(),
+        ));
+    }
+    spec.probe_disks()?;
+    if spec.nets.is_none() && !spec.disks.is_empty() {
+        spec.nets = Some(vec![devices::default_user_net(devices::free_local_port()?)]);
+    }
+    for n in spec.nets.iter().flatten() {
+        devices::check_forwards(n)?;
+    }
+    let Some(fwd) = spec.nets.iter().flatten().find_map(|n| n.ssh_forward()) else {
+        return Ok(None);
+    };
+    let image = spec.system_image.as_ref();
+    let ssh_key = spec
+        .ssh_key
+        .clone()
+        .or_else(|| image.and_then(|i| i.ssh_key.clone()));
+    if let Some(k) = &spec.ssh_key {
+        if !k.is_file() {
+            return Err(LaunchError::Usage(format!(
+                "ssh-key {}: no such file",
+                k.display()
+            )));
+        }
+    }
+    Ok(Some(vm_registry::VmEntry {
+        name: spec
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("vm-{}", std::process::id())),
+        pid: std::process::id(),
+        ssh_port: fwd.host_port,
+        ssh_host: fwd
+            .host_addr
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST)
+            .to_string(),
+        ssh_key,
+        known_hosts: image.and_then(|i| i.known_hosts.clone()),
+    }))
+}
+
+fn run_cmd(mut spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchError> {
     spec.check_local_files()?;
     let qemu = resolve_qemu(spec.qemu.as_deref())?;
+    let ssh_entry = prepare_devices(&mut spec)?;
+    let registration = ssh_entry.as_ref().map(vm_registry::register).transpose()?;
 
     let mut temp_key = None;
     let key_file = if spec.nodes > 1 {
@@ -478,12 +576,34 @@ fn run_cmd(spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchError>
             .collect::<Vec<_>>()
             .join(" "),
     );
+    if let Some(d) = spec.disks.first() {
+        eprintln!(
+            "fragvisor: disk {} ({}{}){}",
+            d.path.display(),
+            spec.disk_info[0].format.name(),
+            if d.readonly { ", read-only" } else { "" },
+            match &spec.system_image {
+                Some(_) => ", booting the kernel and initramfs beside it",
+                None if spec.kernel.is_none() => ", booting from it",
+                None => "",
+            }
+        );
+    }
+    if let Some(e) = &ssh_entry {
+        eprintln!(
+            "fragvisor: ssh into the guest: fragvisor ssh {} -- CMD   (or: ssh {})",
+            e.name,
+            cmdline::shell_line(Path::new("ssh"), &vm_registry::ssh_args(e, &[]))
+                .trim_start_matches("ssh ")
+        );
+    }
     let sup = Supervision {
         stop_timeout: spec.stop_timeout,
         timeout: spec.timeout,
         forward_stdin: stdin_forwardable(),
     };
     let outcome = run_nodes(&commands, &sup);
+    drop(registration);
     drop(netns);
     drop(segment);
     drop(temp_key);
@@ -544,6 +664,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode, LaunchError> {
         Cmd::Print(p) => {
             let spec = p.vm.into_spec(p.hosts, None, None)?;
             print_cmd(spec, false)
+        }
+        Cmd::Ssh { vm, wait, cmd } => {
+            let wait = std::time::Duration::try_from_secs_f64(wait).map_err(|_| {
+                LaunchError::Usage(format!("--wait {wait}: expected seconds, 0 or more"))
+            })?;
+            vm_registry::ssh(vm.as_deref(), wait, &cmd)
         }
         Cmd::Keygen { file } => {
             key::write_new_key(&file)?;

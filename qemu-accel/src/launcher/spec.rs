@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::devices::{self, DiskInfo, DiskSpec, NetArg, NetSpec, SystemImage};
 use super::LaunchError;
 use crate::config::{ConfigError, Engine, PeerAddr, MAX_NODES};
 use crate::placement::VcpuPlacement;
@@ -164,6 +165,14 @@ pub struct FileConfig {
     pub stop_timeout: Option<f64>,
     /// Seconds the whole VM may run (no limit when absent).
     pub timeout: Option<f64>,
+    /// Disks, each `PATH[,readonly][,format=raw|qcow2]`.
+    pub disk: Option<Vec<String>>,
+    /// Network links, each `user[,hostfwd=...]`, `tap,ifname=...` or `none`.
+    pub net: Option<Vec<String>>,
+    /// The VM's name (for `fragvisor ssh NAME`).
+    pub name: Option<String>,
+    /// Root's ssh key for `fragvisor ssh` (default: the system image's).
+    pub ssh_key: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -179,12 +188,18 @@ impl FileConfig {
             &mut cfg.initrd,
             &mut cfg.qemu,
             &mut cfg.key_file,
+            &mut cfg.ssh_key,
         ]
         .into_iter()
         .flatten()
         {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        for d in cfg.disk.iter_mut().flatten() {
+            if !d.starts_with('/') {
+                *d = base.join(&*d).display().to_string();
             }
         }
         Ok(cfg)
@@ -225,6 +240,12 @@ pub struct Overrides {
     pub key_file: Option<PathBuf>,
     pub stop_timeout: Option<f64>,
     pub timeout: Option<f64>,
+    /// Replace the file's `disk` list when not empty.
+    pub disks: Vec<DiskSpec>,
+    /// Replace the file's `net` list when not empty.
+    pub nets: Vec<NetArg>,
+    pub name: Option<String>,
+    pub ssh_key: Option<PathBuf>,
 }
 
 /// A complete, checked description of an aggregate VM.
@@ -270,6 +291,20 @@ pub struct VmSpec {
     pub stop_timeout: Duration,
     /// Limit on the whole run.
     pub timeout: Option<Duration>,
+    /// Disks; disk 0 boots when there is no kernel.
+    pub disks: Vec<DiskSpec>,
+    /// Network links: `None` when not given (`run` then adds user
+    /// networking with an ssh forward to a VM with a disk), `Some(empty)`
+    /// for `--net none`.
+    pub nets: Option<Vec<NetSpec>>,
+    /// What [`VmSpec::probe_disks`] found, one per disk.
+    pub disk_info: Vec<DiskInfo>,
+    /// The system image beside disk 0, when the kernel came from it.
+    pub system_image: Option<SystemImage>,
+    /// The VM's name on this machine.
+    pub name: Option<String>,
+    /// Root's ssh key for `fragvisor ssh`.
+    pub ssh_key: Option<PathBuf>,
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration, LaunchError> {
@@ -319,9 +354,81 @@ impl VmSpec {
                 "memory={memory_mib}M is too small for {nodes} NUMA nodes (at least 1M each)"
             ));
         }
-        let kernel = flags.kernel.or(file.kernel);
-        let initrd = flags.initrd.or(file.initrd);
+        let disks = if !flags.disks.is_empty() {
+            flags.disks
+        } else {
+            file.disk
+                .unwrap_or_default()
+                .iter()
+                .map(|d| devices::parse_disk(d))
+                .collect::<Result<_, _>>()
+                .map_err(LaunchError::Usage)?
+        };
+        if disks.len() > devices::MAX_DISKS {
+            return usage(format!(
+                "{} disks: at most {}",
+                disks.len(),
+                devices::MAX_DISKS
+            ));
+        }
+        let net_args = if !flags.nets.is_empty() {
+            Some(flags.nets)
+        } else {
+            file.net
+                .map(|ns| {
+                    ns.iter()
+                        .map(|n| devices::parse_net(n))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()
+                .map_err(LaunchError::Usage)?
+        };
+        let nets = match net_args {
+            None => None,
+            Some(list) if list.contains(&NetArg::None) => {
+                if list.len() > 1 {
+                    return usage("--net none cannot be combined with other links".into());
+                }
+                Some(Vec::new())
+            }
+            Some(list) => Some(
+                list.into_iter()
+                    .filter_map(|n| match n {
+                        NetArg::Link(l) => Some(l),
+                        NetArg::None => None,
+                    })
+                    .collect(),
+            ),
+        };
+        if nets.as_ref().is_some_and(|n| n.len() > devices::MAX_NETS) {
+            return usage(format!("at most {} --net links", devices::MAX_NETS));
+        }
+        let mut kernel = flags.kernel.or(file.kernel);
+        let mut initrd = flags.initrd.or(file.initrd);
         let mut append = flags.append.or(file.append);
+        // A FragVisor system image boots its own kernel unless told otherwise.
+        let system_image = disks.first().and_then(|d| SystemImage::beside(&d.path));
+        if kernel.is_none() && initrd.is_none() && append.is_none() {
+            if let Some(img) = &system_image {
+                kernel = Some(img.kernel.clone());
+                initrd = Some(img.initrd.clone());
+                append = Some(img.append.clone());
+            }
+        }
+        let system_image = system_image.filter(|img| kernel.as_ref() == Some(&img.kernel));
+        let name = flags.name.or(file.name);
+        if let Some(n) = &name {
+            if n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || n.starts_with('.')
+            {
+                return usage(format!(
+                    "name '{n}': use letters, digits, '-', '_' and '.' (not first)"
+                ));
+            }
+        }
         if kernel.is_some() && append.is_none() {
             append = Some(DEFAULT_APPEND.to_string());
         }
@@ -384,7 +491,33 @@ impl VmSpec {
             key_file: flags.key_file.or(file.key_file),
             stop_timeout,
             timeout,
+            disks,
+            nets,
+            disk_info: Vec::new(),
+            system_image,
+            name,
+            ssh_key: flags.ssh_key.or(file.ssh_key),
         })
+    }
+
+    /// Probe every disk ([`devices::probe_disk`]): the checks a run makes
+    /// before any node starts, and the sizes the other nodes' copies need.
+    pub fn probe_disks(&mut self) -> Result<(), LaunchError> {
+        self.disk_info = self
+            .disks
+            .iter()
+            .map(devices::probe_disk)
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    /// The devices every node gets (the links as resolved for this run).
+    pub fn devices(&self) -> devices::Devices {
+        devices::Devices {
+            disks: self.disks.clone(),
+            nets: self.nets.clone().unwrap_or_default(),
+            boot_from_disk: self.kernel.is_none(),
+        }
     }
 
     /// Which node runs each vCPU: `vcpu-map`, else contiguous blocks.

@@ -19,4 +19,10 @@ FRAGVISOR_LAUNCHER="${CARGO_TARGET_DIR:-$FV_ROOT/target}/release/fragvisor"
 FRAGVISOR_HOST_IMAGE=$(FRAGVISOR_QEMU="$FRAGVISOR_QEMU" "$FV_ROOT/scripts/virtual-cluster/build-host-image.sh" | tail -n1)
 export FRAGVISOR_LAUNCHER FRAGVISOR_HOST_IMAGE
 fv_log "FRAGVISOR_HOST_IMAGE=$FRAGVISOR_HOST_IMAGE"
+# The system-image tests boot the Debian image and reach it with ssh, curl
+# and iperf3; they check the disk with e2fsck and debugfs.
+fv_apt_install_retry openssh-client curl iperf3 e2fsprogs
+FRAGVISOR_SYSTEM_IMAGE=$("$FV_ROOT/guest-kernel/build-system-image.sh" | tail -n1)
+export FRAGVISOR_SYSTEM_IMAGE
+fv_log "FRAGVISOR_SYSTEM_IMAGE=$FRAGVISOR_SYSTEM_IMAGE"
 exec cargo test --release -p fragvisor-e2e "$@"

@@ -11,33 +11,18 @@
 //! all set by scripts/qemu/e2e.sh, and root (network namespaces, taps).
 //! Without them the tests fail; they never skip.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
-use std::thread;
 use std::time::{Duration, Instant};
 
+use fragvisor_e2e::launcher_run::{env_path, LauncherRun};
 use fragvisor_e2e::{artifact_from_script, fvtest_tsc_skew, qemu_binary, test_kernel};
 
 /// Host VMs take both cores: one virtual cluster at a time.
 fn serialize() -> MutexGuard<'static, ()> {
     static ONE: Mutex<()> = Mutex::new(());
     ONE.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn env_path(var: &str, what: &str) -> PathBuf {
-    let p = std::env::var_os(var).unwrap_or_else(|| {
-        panic!("{var} is not set: it names {what} (scripts/qemu/e2e.sh sets it)")
-    });
-    let p = PathBuf::from(p);
-    assert!(p.exists(), "{var}={} does not exist", p.display());
-    p
-}
-
-fn launcher() -> PathBuf {
-    env_path("FRAGVISOR_LAUNCHER", "the fragvisor launcher binary")
 }
 
 fn host_image() -> PathBuf {
@@ -47,177 +32,23 @@ fn host_image() -> PathBuf {
     )
 }
 
-/// One line of the launcher's output, with when it came.
-struct Line {
-    at: Instant,
-    err: bool,
-    text: String,
-}
-
 /// A running `fragvisor run --virtual-hosts`.
-struct VirtualCluster {
-    child: Child,
-    lines: mpsc::Receiver<Line>,
-    seen: Vec<Line>,
-    start: Instant,
-}
-
-/// How a run ended.
-struct Finished {
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-impl Finished {
-    fn transcript(&self) -> String {
-        format!(
-            "--- status {:?} after {:.1} s\n--- stdout\n{}\n--- stderr\n{}",
-            self.status,
-            self.elapsed.as_secs_f64(),
-            self.stdout,
-            self.stderr
-        )
-    }
-
-    fn code(&self) -> Option<i32> {
-        self.status.and_then(|s| s.code())
-    }
-}
-
-fn pump<R: Read + Send + 'static>(from: R, err: bool, tx: mpsc::Sender<Line>) {
-    thread::spawn(move || {
-        let mut r = BufReader::new(from);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\n', '\r'])
-                        .replace('\r', "");
-                    if tx
-                        .send(Line {
-                            at: Instant::now(),
-                            err,
-                            text,
-                        })
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-}
+struct VirtualCluster;
 
 impl VirtualCluster {
     /// `fragvisor run --virtual-hosts hosts` with `args` after it.
-    fn start(hosts: u32, args: &[String]) -> VirtualCluster {
-        let mut cmd = Command::new(launcher());
-        cmd.arg("run")
-            .arg("--virtual-hosts")
-            .arg(hosts.to_string())
-            .arg("--qemu")
-            .arg(qemu_binary())
-            .arg("--host-image")
-            .arg(host_image())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start the fragvisor launcher");
-        let (tx, rx) = mpsc::channel();
-        pump(child.stdout.take().expect("stdout"), false, tx.clone());
-        pump(child.stderr.take().expect("stderr"), true, tx);
-        VirtualCluster {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-            start: Instant::now(),
-        }
-    }
-
-    /// Waits until a line contains `needle`; returns when it came.
-    fn wait_line(&mut self, needle: &str, timeout: Duration) -> Option<Instant> {
-        if let Some(l) = self.seen.iter().find(|l| l.text.contains(needle)) {
-            return Some(l.at);
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    let hit = l.text.contains(needle).then_some(l.at);
-                    self.seen.push(l);
-                    if hit.is_some() {
-                        return hit;
-                    }
-                }
-                Err(_) => return None,
-            }
-        }
-    }
-
-    /// The pid of host VM `k`, as the launcher announced it.
-    fn host_vm_pid(&mut self, k: u32) -> i32 {
-        let needle = format!("fragvisor: host VM {k}: pid ");
-        self.wait_line(&needle, Duration::from_secs(30))
-            .expect("the launcher names each host VM's pid");
-        let line = self
-            .seen
-            .iter()
-            .find_map(|l| l.text.strip_prefix(&needle))
-            .expect("pid line");
-        line.trim().parse().expect("a pid")
-    }
-
-    /// Waits for the launcher to end (killing it at `timeout`).
-    fn finish(mut self, timeout: Duration) -> Finished {
-        let deadline = self.start + timeout;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break Some(s);
-            }
-            if Instant::now() >= deadline {
-                // SIGINT: the launcher stops its host VMs and removes the
-                // namespace; a second signal would kill them outright.
-                let _ = Command::new("kill")
-                    .args(["-INT", &self.child.id().to_string()])
-                    .status();
-                thread::sleep(Duration::from_secs(20));
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(100));
-        };
-        let elapsed = self.start.elapsed();
-        // The pumps end when the pipes close.
-        let drain = Instant::now() + Duration::from_secs(5);
-        while let Ok(l) = self
-            .lines
-            .recv_timeout(drain.saturating_duration_since(Instant::now()))
-        {
-            self.seen.push(l);
-        }
-        let join = |err: bool| {
-            self.seen
-                .iter()
-                .filter(|l| l.err == err)
-                .map(|l| l.text.as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        Finished {
-            status,
-            stdout: join(false),
-            stderr: join(true),
-            elapsed,
-        }
+    fn start(hosts: u32, args: &[String]) -> LauncherRun {
+        let mut all = vec![
+            "run".to_string(),
+            "--virtual-hosts".into(),
+            hosts.to_string(),
+            "--qemu".into(),
+            qemu_binary().display().to_string(),
+            "--host-image".into(),
+            host_image().display().to_string(),
+        ];
+        all.extend(args.iter().cloned());
+        LauncherRun::start(&all)
     }
 }
 
@@ -330,7 +161,7 @@ fn kvm_killed_host_vm_stops_the_origin_naming_it() {
     let _one = serialize();
     let args = linux_args(2);
     let mut vc = VirtualCluster::start(2, &args);
-    let pid = vc.host_vm_pid(1);
+    let pid = vc.announced_pid("host VM", 1);
     // Both nodes joined and the guest runs on the KVM engine.
     let joined = vc.wait_line(
         "Booting paravirtualized kernel on KVM",

@@ -319,7 +319,7 @@ fn lock_conflict(file: &File, start: i64, len: i64, kind: libc::c_int) -> std::i
 pub fn probe_disk(disk: &DiskSpec) -> Result<DiskInfo, LaunchError> {
     let name = disk.path.display();
     let usage = |m: String| LaunchError::Usage(format!("disk {name}: {m}"));
-    let meta = std::fs::metadata(&disk.path).map_err(|e| usage(e.to_string()))?;
+    let meta = std::fs::metadata(&disk.path).map_err(|e| usage(io_text(&e)))?;
     let ft = meta.file_type();
     if !(ft.is_file() || ft.is_block_device()) {
         return Err(usage("not a regular file or block device".into()));
@@ -330,9 +330,12 @@ pub fn probe_disk(disk: &DiskSpec) -> Result<DiskInfo, LaunchError> {
         .open(&disk.path)
         .map_err(|e| {
             usage(if disk.readonly {
-                format!("cannot open it for reading: {e}")
+                format!("cannot open it for reading: {}", io_text(&e))
             } else {
-                format!("cannot open it for reading and writing: {e} (add ,readonly for a read-only disk)")
+                format!(
+                    "cannot open it for reading and writing: {} (add ,readonly for a read-only disk)",
+                    io_text(&e)
+                )
             })
         })?;
     let mut head = [0u8; 32];
@@ -399,6 +402,16 @@ pub fn probe_disk(disk: &DiskSpec) -> Result<DiskInfo, LaunchError> {
     })
 }
 
+/// An I/O error as a person reads it: "No such file or directory",
+/// without Rust's "(os error 2)".
+fn io_text(e: &std::io::Error) -> String {
+    let t = e.to_string();
+    match t.find(" (os error") {
+        Some(i) => t[..i].to_string(),
+        None => t,
+    }
+}
+
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -462,6 +475,13 @@ pub fn device_args(dev: &Devices, infos: &[DiskInfo], node: u32) -> Vec<String> 
     let origin = node == 0;
     if dev.disks.is_empty() && dev.nets.is_empty() {
         return a;
+    }
+    if !origin {
+        // Under KVM an ioeventfd would let this host's kernel take a
+        // virtqueue kick for the idle local copy: the write must exit and be
+        // forwarded. The origin keeps its ioeventfds.
+        a.push("-global".into());
+        a.push("virtio-pci.ioeventfd=off".into());
     }
     a.push("-device".into());
     a.push(format!("virtio-rng-pci,addr={RNG_SLOT:#x}"));
@@ -656,9 +676,11 @@ mod tests {
             "{r}"
         );
         assert!(!r.contains("/img/"), "{r}");
+        assert!(r.contains("virtio-pci.ioeventfd=off") && !o.contains("ioeventfd"));
         // The same models at the same addresses on every node.
         let devs = |s: &str| -> Vec<String> {
-            s.split(" -device ")
+            format!(" {s}")
+                .split(" -device ")
                 .skip(1)
                 .map(|d| d.split(' ').next().unwrap().to_string())
                 .collect()
@@ -692,6 +714,46 @@ mod tests {
         assert!(e.unwrap_err().to_string().contains("not a qcow2 image"));
         let e = probe_disk(&parse_disk(dir.join("none.img").to_str().unwrap()).unwrap());
         assert!(e.unwrap_err().to_string().contains("No such file"));
+
+        // Locks as QEMU takes them, from another open file description.
+        let hold = |bytes: &[i64]| {
+            use std::os::fd::AsRawFd;
+            let f = File::open(&raw).unwrap();
+            for &b in bytes {
+                // SAFETY: all-zero flock is valid; filled in below.
+                let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                fl.l_type = libc::F_RDLCK as libc::c_short;
+                fl.l_whence = libc::SEEK_SET as libc::c_short;
+                fl.l_start = b;
+                fl.l_len = 1;
+                // SAFETY: `f` is open and `fl` is a valid flock.
+                let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+                assert_eq!(r, 0);
+            }
+            f
+        };
+        let rw = parse_disk(raw.to_str().unwrap()).unwrap();
+        let ro = parse_disk(&format!("{},readonly", raw.display())).unwrap();
+        // A VM that writes: uses read (100) and write (101), shares no write (201).
+        let writer = hold(&[100, 101, 201]);
+        assert!(probe_disk(&rw)
+            .unwrap_err()
+            .to_string()
+            .contains("in use by another VM"));
+        assert!(probe_disk(&ro)
+            .unwrap_err()
+            .to_string()
+            .contains("in use by another VM"));
+        drop(writer);
+        // A read-only VM: read (100), shares no write (201).
+        let reader = hold(&[100, 201]);
+        assert!(probe_disk(&ro).is_ok());
+        assert!(probe_disk(&rw)
+            .unwrap_err()
+            .to_string()
+            .contains("in use by another VM"));
+        drop(reader);
+        assert!(probe_disk(&rw).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -594,6 +594,10 @@ fn run_cmd(mut spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchEr
             "fragvisor: ssh into the guest: fragvisor ssh {} -- CMD   (or: ssh {})",
             e.name,
             cmdline::shell_line(Path::new("ssh"), &vm_registry::ssh_args(e, &[]))
+                .replace(
+                    "-o BatchMode=yes -o ConnectTimeout=60 -o LogLevel=ERROR ",
+                    ""
+                )
                 .trim_start_matches("ssh ")
         );
     }

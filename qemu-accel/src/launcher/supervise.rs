@@ -343,6 +343,8 @@ pub fn run_nodes(commands: &[NodeCommand], sup: &Supervision) -> Result<Outcome,
         }
         if cmd.exit_report.is_some() {
             eprintln!("fragvisor: host VM {}: pid {}", cmd.node, child.id());
+        } else {
+            eprintln!("fragvisor: node {}: pid {}", cmd.node, child.id());
         }
         nodes.push(Running {
             node: cmd.node,

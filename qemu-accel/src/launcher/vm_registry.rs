@@ -6,7 +6,7 @@
 //! ignored (and removed).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -156,7 +156,7 @@ pub fn ssh_args(vm: &VmEntry, cmd: &[String]) -> Vec<String> {
         a.push(s);
     };
     opt("BatchMode=yes".into());
-    opt("ConnectTimeout=10".into());
+    opt("ConnectTimeout=60".into());
     opt("LogLevel=ERROR".into());
     match &vm.known_hosts {
         Some(k) => {
@@ -190,23 +190,33 @@ pub fn ssh_args(vm: &VmEntry, cmd: &[String]) -> Vec<String> {
     a
 }
 
-/// `fragvisor ssh`: run ssh, retrying while the guest's sshd does not
-/// answer yet (ssh exits 255) for up to `wait`. Exits with ssh's status.
+/// `fragvisor ssh`: run ssh and exit with its status. With a `wait`,
+/// first probe quietly (`ssh ... true`, output dropped) until the guest's
+/// sshd answers or the time is up, so a guest that is still booting costs
+/// no error messages.
 pub fn ssh(name: Option<&str>, wait: Duration, cmd: &[String]) -> Result<ExitCode, LaunchError> {
     let vm = find(name)?;
-    let args = ssh_args(&vm, cmd);
-    let deadline = Instant::now() + wait;
-    loop {
-        let status = Command::new("ssh")
-            .args(&args)
-            .status()
-            .map_err(|e| LaunchError::Runtime(format!("cannot run ssh: {e}")))?;
-        let code = status.code().unwrap_or(255);
-        if code != 255 || Instant::now() >= deadline || !alive(vm.pid) {
-            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)));
+    let run = |args: &[String], quiet: bool| {
+        let mut c = Command::new("ssh");
+        c.args(args);
+        if quiet {
+            c.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
         }
-        std::thread::sleep(Duration::from_secs(1));
+        c.status()
+            .map(|s| s.code().unwrap_or(255))
+            .map_err(|e| LaunchError::Runtime(format!("cannot run ssh: {e}")))
+    };
+    let deadline = Instant::now() + wait;
+    if !wait.is_zero() {
+        let probe = ssh_args(&vm, &["true".to_string()]);
+        while Instant::now() < deadline && alive(vm.pid) && run(&probe, true)? != 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
+    let code = run(&ssh_args(&vm, cmd), false)?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
 }
 
 #[cfg(test)]

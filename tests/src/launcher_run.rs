@@ -129,18 +129,30 @@ impl LauncherRun {
 
     /// Waits until a line contains `needle`; returns when it came.
     pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Option<Instant> {
-        if let Some(l) = self.seen.iter().find(|l| l.text.contains(needle)) {
-            return Some(l.at);
+        self.wait_any(&[needle], timeout).map(|(_, at)| at)
+    }
+
+    /// Waits until a line contains one of `needles` (an earlier line
+    /// counts); returns which one and when it came.
+    pub fn wait_any(&mut self, needles: &[&str], timeout: Duration) -> Option<(usize, Instant)> {
+        let hit = |l: &Line| {
+            needles
+                .iter()
+                .position(|n| l.text.contains(n))
+                .map(|i| (i, l.at))
+        };
+        if let Some(h) = self.seen.iter().find_map(hit) {
+            return Some(h);
         }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(l) => {
-                    let hit = l.text.contains(needle).then_some(l.at);
+                    let h = hit(&l);
                     self.seen.push(l);
-                    if hit.is_some() {
-                        return hit;
+                    if h.is_some() {
+                        return h;
                     }
                 }
                 Err(_) => return None,

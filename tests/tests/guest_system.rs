@@ -19,6 +19,8 @@ use fragvisor_e2e::qemu_binary;
 
 /// The console line the image's fragvisor-ready.service prints.
 const READY: &str = "fragvisor-guest: multi-user.target reached";
+/// What the guest kernel prints when a CPU is stuck.
+const SOFT_LOCKUP: &str = "watchdog: BUG: soft lockup";
 
 /// Each VM takes both cores: one at a time.
 fn serialize() -> MutexGuard<'static, ()> {
@@ -85,7 +87,38 @@ struct SystemVm {
 
 impl SystemVm {
     /// Boot `nodes` nodes, 4 vCPUs, 1 GiB, waiting for the ready line.
+    ///
+    /// A boot whose guest reports a soft lockup is tried once more, saying
+    /// so: cross-host code patching (`text_poke_bp` waiting in
+    /// `smp_call_function_many_cond` for a CPU of the other host) hangs a
+    /// few boots in a hundred, an open bug of the TCG engine tracked with
+    /// the stale-code race (docs/aggregate-vm.md, "Not done yet"). A second
+    /// hang fails the test.
     fn boot(nodes: u32, name: &str, dir: &Path, boot_timeout: Duration) -> SystemVm {
+        for attempt in 1..=2 {
+            match SystemVm::try_boot(nodes, name, dir, boot_timeout) {
+                Ok(vm) => return vm,
+                Err(why) if attempt == 1 && why.contains(SOFT_LOCKUP) => eprintln!(
+                    "{name}: boot attempt 1 hung ({}); known TCG cross-host patching hang, \
+                     booting once more",
+                    why.lines()
+                        .find(|l| l.contains(SOFT_LOCKUP))
+                        .unwrap_or_default()
+                ),
+                Err(why) => {
+                    panic!("{nodes}-node guest did not come up (attempt {attempt}):\n{why}")
+                }
+            }
+        }
+        unreachable!("the second attempt returns or panics")
+    }
+
+    fn try_boot(
+        nodes: u32,
+        name: &str,
+        dir: &Path,
+        boot_timeout: Duration,
+    ) -> Result<SystemVm, String> {
         let image = image_copy(dir);
         let (ssh_port, http_port) = (free_port(), free_port());
         let args: Vec<String> = [
@@ -118,22 +151,30 @@ impl SystemVm {
         .collect();
         let mut run = LauncherRun::start(&args);
         let t0 = Instant::now();
-        if run.wait_line(READY, boot_timeout).is_none() {
-            panic!(
-                "{nodes}-node guest not ready in {boot_timeout:?}\n{}",
-                run.finish(Duration::from_secs(1)).transcript()
-            );
+        match run.wait_any(&[READY, SOFT_LOCKUP], boot_timeout) {
+            Some((0, _)) => {}
+            Some(_) => {
+                // Let the lockup report finish, then stop this VM.
+                std::thread::sleep(Duration::from_secs(2));
+                return Err(run.finish(Duration::from_secs(1)).transcript());
+            }
+            None => {
+                return Err(format!(
+                    "not ready in {boot_timeout:?}\n{}",
+                    run.finish(Duration::from_secs(1)).transcript()
+                ))
+            }
         }
         eprintln!(
             "{name}: {nodes} nodes ready in {:.1} s",
             t0.elapsed().as_secs_f64()
         );
-        SystemVm {
+        Ok(SystemVm {
             run,
             name: name.to_string(),
             image,
             http_port,
-        }
+        })
     }
 
     /// `fragvisor ssh NAME -- script`: (exit code, stdout).

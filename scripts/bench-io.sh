@@ -9,7 +9,7 @@
 #           host through the user-net port forward, concurrency 4:
 #           requests/s and the median (p50) latency;
 #   fio     a second virtio-blk disk (a 1 GiB scratch image), direct I/O,
-#           libaio, queue depth 4: 4 KiB random read and write IOPS, 1 MiB
+#           libaio, queue depth 4, --fio-seconds each (5): 4 KiB random read and write IOPS, 1 MiB
 #           sequential read and write MB/s;
 #   boot    launcher start to ssh-ready for 1, 2 and 4 nodes (one run each
 #           unless --boot-runs).
@@ -27,7 +27,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib/common.sh"
 cd "$FV_ROOT"
 
-runs=3 boot_runs=1 do_boot=1 fio_s=8
+runs=3 boot_runs=1 do_boot=1 fio_s=5
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) runs=$2; shift 2 ;;
@@ -120,7 +120,7 @@ for place in origin:1 remote:2; do
     got=$(g "taskset -cp \$(ps -C nginx -o pid=,args= | awk '/worker process/ {print \$1}') | sed 's/.*: //'")
     [ "$got" = "$cpu" ] || fv_die "nginx worker on CPU '$got', wanted $cpu"
     for size in 1k 64k 1m; do
-        case $size in 1k) n=400 ;; 64k) n=200 ;; 1m) n=40 ;; esac
+        case $size in 1k) n=200 ;; 64k) n=100 ;; 1m) n=20 ;; esac
         : > "$work/rps" ; : > "$work/p50"
         for _ in $(seq "$runs"); do
             ab -q -n "$n" -c 4 "http://127.0.0.1:$http_port/f$size" > "$work/ab.out" 2>&1 \

@@ -191,11 +191,19 @@ pub fn ssh_args(vm: &VmEntry, cmd: &[String]) -> Vec<String> {
 }
 
 /// `fragvisor ssh`: run ssh and exit with its status. With a `wait`,
-/// first probe quietly (`ssh ... true`, output dropped) until the guest's
+/// first wait for the VM to be registered, then probe quietly (`ssh ... true`, output dropped) until the guest's
 /// sshd answers or the time is up, so a guest that is still booting costs
 /// no error messages.
 pub fn ssh(name: Option<&str>, wait: Duration, cmd: &[String]) -> Result<ExitCode, LaunchError> {
-    let vm = find(name)?;
+    let deadline = Instant::now() + wait;
+    // A VM started a moment ago may not have registered yet.
+    let vm = loop {
+        match find(name) {
+            Ok(vm) => break vm,
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
     let run = |args: &[String], quiet: bool| {
         let mut c = Command::new("ssh");
         c.args(args);
@@ -208,7 +216,6 @@ pub fn ssh(name: Option<&str>, wait: Duration, cmd: &[String]) -> Result<ExitCod
             .map(|s| s.code().unwrap_or(255))
             .map_err(|e| LaunchError::Runtime(format!("cannot run ssh: {e}")))
     };
-    let deadline = Instant::now() + wait;
     if !wait.is_zero() {
         let probe = ssh_args(&vm, &["true".to_string()]);
         while Instant::now() < deadline && alive(vm.pid) && run(&probe, true)? != 0 {

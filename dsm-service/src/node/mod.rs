@@ -349,6 +349,17 @@ impl DsmNode {
         self.core.transport().send(to, ch, payload)
     }
 
+    /// Says goodbye to every live peer (and drains what is queued to them,
+    /// up to 2 s) without stopping the fault thread, which may be blocked
+    /// on a page of a failed peer. For a node about to exit because a peer
+    /// failed: the others then see it leave, not fail, and name the peer
+    /// that really failed.
+    pub fn leave_peers(&self) {
+        if let Some(t) = self.core.transport.get() {
+            t.shutdown();
+        }
+    }
+
     /// Stops the fault thread and leaves the cluster cleanly. The regions
     /// stay registered: a touch of a page this node does not hold blocks
     /// rather than reading stale or zero memory.

@@ -251,8 +251,9 @@ fn node_main(a: &NodeArgs) -> ExitCode {
         }
         while let Ok(ev) = events.try_recv() {
             match ev {
-                DsmEvent::PeerFailed { node, reason } => {
-                    eprintln!("fragvisor-dsm: node {me}: error: node {node} failed: {reason}");
+                DsmEvent::PeerFailed { node: peer, reason } => {
+                    eprintln!("fragvisor-dsm: node {me}: error: node {peer} failed: {reason}");
+                    node.leave_peers();
                     std::process::exit(3);
                 }
                 DsmEvent::Fatal(what) => {

@@ -381,9 +381,7 @@ fn print_cmd(mut spec: VmSpec, local: bool) -> Result<ExitCode, LaunchError> {
         spec.hosts = loopback_hosts(&spec);
     }
     spec.probe_disks()?;
-    if spec.nets.is_none() && !spec.disks.is_empty() {
-        spec.nets = Some(vec![devices::default_user_net(PRINTED_SSH_PORT)]);
-    }
+    spec.default_net(|| Ok(PRINTED_SSH_PORT))?;
     let qemu = match &spec.qemu {
         Some(q) => q.clone(),
         None if local => resolve_qemu(None).unwrap_or_else(|_| PathBuf::from("qemu-system-x86_64")),
@@ -410,9 +408,7 @@ fn prepare_devices(spec: &mut VmSpec) -> Result<Option<vm_registry::VmEntry>, La
         ));
     }
     spec.probe_disks()?;
-    if spec.nets.is_none() && !spec.disks.is_empty() {
-        spec.nets = Some(vec![devices::default_user_net(devices::free_local_port()?)]);
-    }
+    spec.default_net(devices::free_local_port)?;
     for n in spec.nets.iter().flatten() {
         devices::check_forwards(n)?;
     }
@@ -424,14 +420,6 @@ fn prepare_devices(spec: &mut VmSpec) -> Result<Option<vm_registry::VmEntry>, La
         .ssh_key
         .clone()
         .or_else(|| image.and_then(|i| i.ssh_key.clone()));
-    if let Some(k) = &spec.ssh_key {
-        if !k.is_file() {
-            return Err(LaunchError::Usage(format!(
-                "ssh-key {}: no such file",
-                k.display()
-            )));
-        }
-    }
     Ok(Some(vm_registry::VmEntry {
         name: spec
             .name
@@ -591,14 +579,13 @@ fn run_cmd(mut spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchEr
     }
     if let Some(e) = &ssh_entry {
         eprintln!(
-            "fragvisor: ssh into the guest: fragvisor ssh {} -- CMD   (or: ssh {})",
+            "fragvisor: ssh into the guest: fragvisor ssh {} -- CMD   (or: {})",
             e.name,
-            cmdline::shell_line(Path::new("ssh"), &vm_registry::ssh_args(e, &[]))
-                .replace(
-                    "-o BatchMode=yes -o ConnectTimeout=60 -o LogLevel=ERROR ",
-                    ""
-                )
-                .trim_start_matches("ssh ")
+            cmdline::shell_line(Path::new("ssh"), &{
+                let mut a = vm_registry::login_args(e);
+                a.push(format!("root@{}", e.ssh_host));
+                a
+            })
         );
     }
     let sup = Supervision {

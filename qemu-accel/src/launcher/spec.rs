@@ -511,6 +511,18 @@ impl VmSpec {
         Ok(())
     }
 
+    /// A VM with a disk and no `net` given gets the default link: user
+    /// networking with ssh forwarded from `port()`.
+    pub fn default_net(
+        &mut self,
+        port: impl FnOnce() -> Result<u16, LaunchError>,
+    ) -> Result<(), LaunchError> {
+        if self.nets.is_none() && !self.disks.is_empty() {
+            self.nets = Some(vec![devices::default_user_net(port()?)]);
+        }
+        Ok(())
+    }
+
     /// The devices every node gets (the links as resolved for this run).
     pub fn devices(&self) -> devices::Devices {
         devices::Devices {
@@ -556,6 +568,7 @@ impl VmSpec {
             ("kernel", &self.kernel),
             ("initrd", &self.initrd),
             ("key-file", &self.key_file),
+            ("ssh-key", &self.ssh_key),
         ] {
             if let Some(p) = path {
                 if !p.is_file() {

@@ -150,14 +150,27 @@ pub fn find(name: Option<&str>) -> Result<VmEntry, LaunchError> {
 /// The `ssh` arguments (without the program) that log into `vm` and run
 /// `cmd` there (a login shell when empty).
 pub fn ssh_args(vm: &VmEntry, cmd: &[String]) -> Vec<String> {
+    let mut a: Vec<String> = ["BatchMode=yes", "ConnectTimeout=60", "LogLevel=ERROR"]
+        .iter()
+        .flat_map(|o| ["-o".to_string(), o.to_string()])
+        .collect();
+    a.extend(login_args(vm));
+    if cmd.is_empty() {
+        a.push("-t".into());
+    }
+    a.push(format!("root@{}", vm.ssh_host));
+    a.extend(cmd.iter().cloned());
+    a
+}
+
+/// What reaching `vm` takes, for scripts and for a person alike: its host
+/// key, root's key and the forwarded port (no destination).
+pub fn login_args(vm: &VmEntry) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut opt = |s: String| {
         a.push("-o".into());
         a.push(s);
     };
-    opt("BatchMode=yes".into());
-    opt("ConnectTimeout=60".into());
-    opt("LogLevel=ERROR".into());
     match &vm.known_hosts {
         Some(k) => {
             opt(format!("UserKnownHostsFile={}", k.display()));
@@ -182,18 +195,13 @@ pub fn ssh_args(vm: &VmEntry, cmd: &[String]) -> Vec<String> {
     }
     a.push("-p".into());
     a.push(vm.ssh_port.to_string());
-    if cmd.is_empty() {
-        a.push("-t".into());
-    }
-    a.push(format!("root@{}", vm.ssh_host));
-    a.extend(cmd.iter().cloned());
     a
 }
 
 /// `fragvisor ssh`: run ssh and exit with its status. With a `wait`,
-/// first wait for the VM to be registered, then probe quietly (`ssh ... true`, output dropped) until the guest's
-/// sshd answers or the time is up, so a guest that is still booting costs
-/// no error messages.
+/// first wait for the VM to be registered, then probe quietly (`ssh ...
+/// true`, output dropped) until the guest's sshd answers or the time is
+/// up, so a guest that is still booting costs no error messages.
 pub fn ssh(name: Option<&str>, wait: Duration, cmd: &[String]) -> Result<ExitCode, LaunchError> {
     let deadline = Instant::now() + wait;
     // A VM started a moment ago may not have registered yet.

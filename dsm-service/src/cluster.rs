@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::transport::sealed::TransportSecurity;
 use crate::{NodeId, MAX_NODES};
 
 /// Everything a node needs to join a cluster.
@@ -23,6 +24,8 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// Largest frame accepted from a peer, in bytes.
     pub max_frame: usize,
+    /// What protects each link after the handshake (sealed by default).
+    pub security: TransportSecurity,
 }
 
 /// A cluster description that cannot work.
@@ -64,8 +67,8 @@ pub enum ConfigError {
 }
 
 impl ClusterConfig {
-    /// A config with the default timeouts (peer 5 s, connect 30 s) and frame
-    /// limit (4 MiB).
+    /// A config with the default timeouts (peer 5 s, connect 30 s), frame
+    /// limit (4 MiB) and sealed links.
     pub fn new(cluster_id: u64, node_id: NodeId, addrs: Vec<SocketAddr>, key: Vec<u8>) -> Self {
         ClusterConfig {
             cluster_id,
@@ -75,6 +78,7 @@ impl ClusterConfig {
             peer_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(30),
             max_frame: 4 << 20,
+            security: TransportSecurity::Aead,
         }
     }
 

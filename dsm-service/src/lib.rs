@@ -26,7 +26,7 @@ pub type NodeId = u16;
 /// The most nodes a cluster may have (sharer sets are 64-bit masks).
 pub const MAX_NODES: usize = 64;
 
-pub use cluster::ClusterConfig;
+pub use cluster::{ClusterConfig, TransportSecurity};
 pub use node::{DsmEvent, DsmNode};
 
 /// An error and its chain of causes on one line (`a: b: c`), for messages

@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use dsm_service::transport::handshake::{self, Expect, Hello, CH_AUTH, CH_HELLO, CH_REJECT};
+use dsm_service::TransportSecurity;
 
 const EXE: &str = env!("CARGO_BIN_EXE_fragvisor-dsm");
 
@@ -329,8 +330,8 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
     let r = raw_frame(&mut connect(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(r.contains("oversized handshake frame"), "garbage: {r:?}");
     // A well-framed hello with the wrong magic.
-    let mut junk = vec![55, 0, 0, 0, CH_HELLO];
-    junk.extend_from_slice(&[0x42; 54]);
+    let mut junk = vec![56, 0, 0, 0, CH_HELLO];
+    junk.extend_from_slice(&[0x42; 55]);
     let r = raw_frame(&mut connect(), &junk);
     assert!(r.contains("not a FragVisor peer"), "bad magic: {r:?}");
     // Oversized length prefix.
@@ -340,7 +341,7 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
         "oversized: {r:?}"
     );
     // Truncated hello.
-    let hello = Hello::new(1, 1, 2).encode();
+    let hello = Hello::new(1, 1, 2, TransportSecurity::Aead).encode();
     let mut cut = ((hello.len() + 1) as u32).to_le_bytes().to_vec();
     cut.push(CH_HELLO);
     cut.extend_from_slice(&hello[..10]);
@@ -362,6 +363,7 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
         cluster_id,
         local: 1,
         nodes: 2,
+        security: TransportSecurity::Aead,
     };
     let e = handshake::dial(&mut connect(), KEY, &exp(77), 0)
         .unwrap_err()
@@ -372,6 +374,18 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("wrong cluster key"), "key: {e}");
+    // The right key, but frames in clear against a sealed cluster.
+    let clear = Expect {
+        security: TransportSecurity::AuthOnly,
+        ..exp(1)
+    };
+    let e = handshake::dial(&mut connect(), KEY, &clear, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("transport security auth-only does not match this node's aead"),
+        "security: {e}"
+    );
     // The right key but node 1 is already connected.
     let mut s = connect();
     handshake::dial(&mut s, KEY, &exp(1), 0).unwrap();
@@ -400,6 +414,7 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
         "protocol version 99",
         "cluster id 0x4d",
         "wrong cluster key",
+        "transport security auth-only does not match",
         "already connected",
     ] {
         assert!(

@@ -335,7 +335,7 @@ mod tests {
 
     #[test]
     fn option_table_is_exported() {
-        assert_eq!(fv_option_count(), 12);
+        assert_eq!(fv_option_count(), 13);
         let names: Vec<String> = (0..fv_option_count())
             .map(|i| {
                 // SAFETY: the table holds static NUL-terminated strings.
@@ -354,6 +354,7 @@ mod tests {
                 "key",
                 "key-file",
                 "peer-timeout-ms",
+                "transport-security",
                 "vcpu-map",
                 "prefetch",
                 "hot-pages",
@@ -362,7 +363,7 @@ mod tests {
                 "test-clock-rate-ppm"
             ]
         );
-        assert!(fv_option_name(12).is_null());
+        assert!(fv_option_name(13).is_null());
         assert!(!fv_option_help(0).is_null());
     }
 

@@ -11,6 +11,13 @@
  *                                    "FV: tscskew max_bound=<cycles>"
  *   fvwork cmos get IDX | set IDX V  read/write a CMOS NVRAM byte (port 0x70/0x71),
  *                                    used by the reboot test to survive a reset
+ *   fvwork marker SEED WCPU RCPU ROUNDS
+ *                                    a thread on WCPU fills 16 pages with the text
+ *                                    "FVMARK" + SEED reversed, over and over; the main
+ *                                    thread on RCPU reads each round back, so the pages
+ *                                    cross hosts when the CPUs are on different ones (the
+ *                                    link-security test looks for the text on the wire);
+ *                                    prints "FV: marker ... ok|BAD"
  *
  * Exit status 0 on success, 1 on a wrong result, 2 on usage/system errors.
  * Built with: gcc -O2 -static -pthread -o fvwork fvwork.c
@@ -170,6 +177,84 @@ static int cmd_counter(int argc, char **argv)
     return ok ? 0 : 1;
 }
 
+/* ---------------- marker ---------------- */
+
+#define MARKER_PAGES 16
+#define MARKER_BYTES (MARKER_PAGES * 4096)
+
+static struct {
+    char text[64];
+    size_t len;
+    int cpu;
+    long rounds;
+    char *buf;
+    int err;
+} mk;
+/* Written by both threads; on a cache line (and a page) of its own. */
+static volatile long mk_round __attribute__((aligned(4096)));
+static volatile long mk_read __attribute__((aligned(64)));
+
+static void *marker_writer(void *arg)
+{
+    (void)arg;
+    if (pin_to(mk.cpu) != 0) {
+        mk.err = 1;
+        __atomic_store_n(&mk_round, -1, __ATOMIC_RELEASE);
+        return NULL;
+    }
+    for (long r = 1; r <= mk.rounds; r++) {
+        while (__atomic_load_n(&mk_read, __ATOMIC_ACQUIRE) != r - 1)
+            ;
+        for (size_t off = 0; off + mk.len <= MARKER_BYTES; off += mk.len)
+            memcpy(mk.buf + off, mk.text, mk.len);
+        __atomic_store_n(&mk_round, r, __ATOMIC_RELEASE);
+    }
+    return NULL;
+}
+
+static int cmd_marker(int argc, char **argv)
+{
+    int rcpu;
+    if (argc < 6 || strlen(argv[2]) < 8 || strlen(argv[2]) > 40) {
+        fprintf(stderr, "usage: fvwork marker SEED(8..40 chars) WCPU RCPU ROUNDS\n");
+        return 2;
+    }
+    size_t n = strlen(argv[2]);
+    memcpy(mk.text, "FVMARK", 6);
+    for (size_t i = 0; i < n; i++)
+        mk.text[6 + i] = argv[2][n - 1 - i];
+    mk.len = 6 + n;
+    mk.cpu = atoi(argv[3]);
+    rcpu = atoi(argv[4]);
+    mk.rounds = atol(argv[5]);
+    mk.buf = aligned_alloc(4096, MARKER_BYTES);
+    if (!mk.buf || mk.rounds <= 0 || pin_to(rcpu) != 0)
+        return 2;
+    memset(mk.buf, 0, MARKER_BYTES);
+    pthread_t t;
+    if (pthread_create(&t, NULL, marker_writer, NULL) != 0)
+        return 2;
+    long bad = 0;
+    for (long r = 1; r <= mk.rounds; r++) {
+        long got;
+        while ((got = __atomic_load_n(&mk_round, __ATOMIC_ACQUIRE)) != r && got >= 0)
+            ;
+        if (got < 0)
+            break;
+        for (size_t off = 0; off + mk.len <= MARKER_BYTES; off += mk.len)
+            bad += memcmp(mk.buf + off, mk.text, mk.len) != 0;
+        /* Take the pages back, so the writer faults them over again. */
+        for (size_t off = 0; off < MARKER_BYTES; off += 4096)
+            mk.buf[off + 4095] = 0;
+        __atomic_store_n(&mk_read, r, __ATOMIC_RELEASE);
+    }
+    pthread_join(t, NULL);
+    int ok = !mk.err && !bad;
+    printf("FV: marker pages=%d rounds=%ld wcpu=%d rcpu=%d mismatches=%ld %s\n", MARKER_PAGES,
+           mk.rounds, mk.cpu, rcpu, bad, ok ? "ok" : "BAD");
+    return ok ? 0 : 1;
+}
+
 /* ---------------- tscskew ---------------- */
 
 static inline uint64_t rdtsc_ordered(void)
@@ -306,7 +391,9 @@ int main(int argc, char **argv)
         return cmd_tscskew(argc, argv);
     if (!strcmp(argv[1], "cmos"))
         return cmd_cmos(argc, argv);
+    if (!strcmp(argv[1], "marker"))
+        return cmd_marker(argc, argv);
 usage:
-    fprintf(stderr, "usage: fvwork cksum [CPU] | counter CPULIST K | tscskew CPULIST ROUNDS | cmos get|set IDX [V]\n");
+    fprintf(stderr, "usage: fvwork cksum [CPU] | counter CPULIST K | tscskew CPULIST ROUNDS | cmos get|set IDX [V] | marker SEED WCPU RCPU ROUNDS\n");
     return 2;
 }

@@ -369,3 +369,38 @@ fn bad_vcpu_maps_are_refused_with_the_reason() {
     .to_string();
     assert!(e.contains("vcpu-map lists 2 vCPU(s) but smp=4"), "{e}");
 }
+
+#[test]
+fn transport_security_reaches_the_accelerator_only_when_not_the_default() {
+    let addrs = ClusterAddrs {
+        peers: loopback(&[1, 2]),
+        key_file: Some("/k".into()),
+    };
+    let accel = |spec: &VmSpec| {
+        let a = node_args(spec, 1, &addrs).unwrap();
+        let i = a.iter().position(|x| x == "-accel").unwrap();
+        a[i + 1].clone()
+    };
+    assert!(!accel(&two_node_tcg()).contains("transport-security"));
+    let from_flag = VmSpec {
+        transport_security: dsm_service::TransportSecurity::AuthOnly,
+        ..two_node_tcg()
+    };
+    assert!(
+        accel(&from_flag).ends_with(",transport-security=auth-only"),
+        "{}",
+        accel(&from_flag)
+    );
+    let file: FileConfig = toml::from_str("nodes = 2\ntransport-security = \"auth-only\"").unwrap();
+    let spec = VmSpec::resolve(file, Overrides::default()).unwrap();
+    assert_eq!(
+        spec.transport_security,
+        dsm_service::TransportSecurity::AuthOnly
+    );
+    let file: FileConfig = toml::from_str("transport-security = \"none\"").unwrap();
+    let e = VmSpec::resolve(file, Overrides::default()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "transport-security=none: expected aead or auth-only"
+    );
+}

@@ -113,6 +113,7 @@ fn pair() -> (Side, Side) {
             key: Some(ClusterKey::new(b"runtime-test-key-0123".to_vec(), "key").unwrap()),
             vcpu_map: vec![],
             peer_timeout_ms: None,
+            transport_security: Default::default(),
             prefetch: 0,
             hot_pages: 0,
             log: None,

@@ -249,3 +249,4 @@ pub fn fvtest_tsc_skew(console: &str, label: &str, cpu: u32) -> Option<(i64, i64
     Some((field("lo=")?, field("hi=")?, field("rtt_min=")?))
 }
 pub mod launcher_run;
+pub mod qemu_cluster;

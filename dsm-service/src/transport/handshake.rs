@@ -22,13 +22,15 @@ use std::io::{self, Read, Write};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::sealed::{self, LinkKeys, TransportSecurity};
 use crate::NodeId;
 
 /// How long a connection may take to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Protocol version; a peer speaking another one is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version; a peer speaking another one is refused. Version 2
+/// added the transport-security byte to the Hello and sealed frames.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First bytes of a Hello.
 pub const MAGIC: [u8; 8] = *b"FRAGVSR\0";
 /// Largest frame accepted before the peer is authenticated.
@@ -41,7 +43,7 @@ pub const CH_AUTH: u8 = 0xFE;
 /// Frame channel of a Reject (UTF-8 reason).
 pub const CH_REJECT: u8 = 0xFD;
 
-const HELLO_LEN: usize = 8 + 2 + 8 + 2 + 2 + 32;
+const HELLO_LEN: usize = 8 + 2 + 8 + 2 + 2 + 1 + 32;
 const MAC_LEN: usize = 32;
 
 /// The first message on a connection.
@@ -55,6 +57,8 @@ pub struct Hello {
     pub node_id: NodeId,
     /// Sender's idea of the cluster size.
     pub nodes: u16,
+    /// What protects the link after the handshake.
+    pub security: TransportSecurity,
     /// Fresh random bytes.
     pub nonce: [u8; 32],
 }
@@ -113,6 +117,14 @@ pub enum HandshakeError {
         /// What we expected.
         expected: String,
     },
+    /// The two sides protect their links differently.
+    #[error("transport security {theirs} does not match this node's {ours}")]
+    Security {
+        /// The peer's mode.
+        theirs: TransportSecurity,
+        /// Ours.
+        ours: TransportSecurity,
+    },
     /// The MAC did not verify.
     #[error("authentication failed: wrong cluster key")]
     BadKey,
@@ -123,12 +135,13 @@ pub enum HandshakeError {
 
 impl Hello {
     /// A Hello with a fresh nonce.
-    pub fn new(cluster_id: u64, node_id: NodeId, nodes: u16) -> Hello {
+    pub fn new(cluster_id: u64, node_id: NodeId, nodes: u16, security: TransportSecurity) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
             cluster_id,
             node_id,
             nodes,
+            security,
             nonce: random_nonce(),
         }
     }
@@ -141,6 +154,7 @@ impl Hello {
         b.extend_from_slice(&self.cluster_id.to_le_bytes());
         b.extend_from_slice(&self.node_id.to_le_bytes());
         b.extend_from_slice(&self.nodes.to_le_bytes());
+        b.push(self.security.wire());
         b.extend_from_slice(&self.nonce);
         b
     }
@@ -166,13 +180,17 @@ impl Hello {
                 b.len()
             )));
         }
+        let security = TransportSecurity::from_wire(b[22]).ok_or_else(|| {
+            HandshakeError::Malformed(format!("unknown transport security {:#x}", b[22]))
+        })?;
         let mut nonce = [0u8; 32];
-        nonce.copy_from_slice(&b[22..54]);
+        nonce.copy_from_slice(&b[23..55]);
         Ok(Hello {
             version,
             cluster_id: u64::from_le_bytes(b[10..18].try_into().expect("8 bytes")),
             node_id: u16::from_le_bytes([b[18], b[19]]),
             nodes: u16::from_le_bytes([b[20], b[21]]),
+            security,
             nonce,
         })
     }
@@ -298,6 +316,8 @@ pub struct Expect {
     pub local: NodeId,
     /// Cluster size.
     pub nodes: usize,
+    /// What protects the links.
+    pub security: TransportSecurity,
 }
 
 impl Expect {
@@ -307,7 +327,41 @@ impl Expect {
             cluster_id: cfg.cluster_id,
             local: cfg.node_id,
             nodes: cfg.nodes(),
+            security: cfg.security,
         }
+    }
+
+    /// Checks that a peer protects its links as this node does.
+    fn check_security(&self, h: &Hello) -> Result<(), HandshakeError> {
+        if h.security != self.security {
+            return Err(HandshakeError::Security {
+                theirs: h.security,
+                ours: self.security,
+            });
+        }
+        Ok(())
+    }
+
+    /// This side's Hello.
+    fn hello(&self) -> Hello {
+        Hello::new(
+            self.cluster_id,
+            self.local,
+            self.nodes as u16,
+            self.security,
+        )
+    }
+
+    /// The link keys of an authenticated handshake, if the links are sealed.
+    fn keys(&self, key: &[u8], dialer: &Hello, acceptor: &Hello, we_dialed: bool) -> Session {
+        let peer = if we_dialed {
+            acceptor.node_id
+        } else {
+            dialer.node_id
+        };
+        let keys = (self.security == TransportSecurity::Aead)
+            .then(|| sealed::derive(key, &dialer.encode(), &acceptor.encode(), we_dialed));
+        Session { peer, keys }
     }
 
     /// Checks the dialer's Hello: same cluster, same size, an id above ours.
@@ -378,17 +432,30 @@ pub fn send_reject(w: &mut impl Write, reason: &str) {
     let _ = write_frame(w, CH_REJECT, reason.as_bytes());
 }
 
+/// An authenticated connection: the peer, and the keys that seal its link
+/// (`None` under `auth-only`).
+#[derive(Debug)]
+pub struct Session {
+    /// The peer at the other end.
+    pub peer: NodeId,
+    /// The link's keys, when frames are sealed.
+    pub keys: Option<LinkKeys>,
+}
+
 /// Runs the dialer's side over a connected stream.
 pub fn dial(
     s: &mut (impl Read + Write),
     key: &[u8],
     exp: &Expect,
     peer: NodeId,
-) -> Result<(), HandshakeError> {
-    let mine = Hello::new(exp.cluster_id, exp.local, exp.nodes as u16);
+) -> Result<Session, HandshakeError> {
+    let mine = exp.hello();
     write_frame(s, CH_HELLO, &mine.encode())?;
     let theirs = Hello::decode(&expect_frame(s, CH_HELLO, "hello")?)?;
-    if let Err(e) = exp.check_acceptor(&theirs, peer) {
+    if let Err(e) = exp
+        .check_acceptor(&theirs, peer)
+        .and_then(|()| exp.check_security(&theirs))
+    {
         send_reject(s, &e.to_string());
         return Err(e);
     }
@@ -398,15 +465,15 @@ pub fn dial(
         send_reject(s, "authentication failed: wrong cluster key");
         return Err(HandshakeError::BadKey);
     }
-    Ok(())
+    Ok(exp.keys(key, &mine, &theirs, true))
 }
 
-/// Runs the acceptor's side; returns the authenticated dialer's node id.
+/// Runs the acceptor's side; returns the authenticated dialer's session.
 pub fn accept(
     s: &mut (impl Read + Write),
     key: &[u8],
     exp: &Expect,
-) -> Result<NodeId, HandshakeError> {
+) -> Result<Session, HandshakeError> {
     let first = expect_frame(s, CH_HELLO, "hello");
     let theirs = match first.and_then(|b| Hello::decode(&b)) {
         Ok(h) => h,
@@ -415,11 +482,14 @@ pub fn accept(
             return Err(e);
         }
     };
-    if let Err(e) = exp.check_dialer(&theirs) {
+    if let Err(e) = exp
+        .check_dialer(&theirs)
+        .and_then(|()| exp.check_security(&theirs))
+    {
         send_reject(s, &e.to_string());
         return Err(e);
     }
-    let mine = Hello::new(exp.cluster_id, exp.local, exp.nodes as u16);
+    let mine = exp.hello();
     write_frame(s, CH_HELLO, &mine.encode())?;
     let mac = expect_frame(s, CH_AUTH, "auth")?;
     if !verify_mac(key, &theirs, &mine, true, &mac) {
@@ -427,7 +497,7 @@ pub fn accept(
         return Err(HandshakeError::BadKey);
     }
     write_frame(s, CH_AUTH, &auth_mac(key, &theirs, &mine, false))?;
-    Ok(theirs.node_id)
+    Ok(exp.keys(key, &theirs, &mine, false))
 }
 
 #[cfg(test)]
@@ -440,6 +510,7 @@ mod tests {
             cluster_id: 42,
             local,
             nodes: 3,
+            security: TransportSecurity::Aead,
         }
     }
 
@@ -447,7 +518,10 @@ mod tests {
         dial_key: &'static [u8],
         accept_key: &'static [u8],
         dial_exp: Expect,
-    ) -> (Result<(), HandshakeError>, Result<NodeId, HandshakeError>) {
+    ) -> (
+        Result<Session, HandshakeError>,
+        Result<Session, HandshakeError>,
+    ) {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || accept(&mut b, accept_key, &exp(0)));
         let d = dial(&mut a, dial_key, &dial_exp, 0);
@@ -458,8 +532,66 @@ mod tests {
     #[test]
     fn matching_keys_authenticate() {
         let (d, a) = run_pair(b"k", b"k", exp(2));
-        d.unwrap();
-        assert_eq!(a.unwrap(), 2);
+        let (mut d, mut a) = (d.unwrap(), a.unwrap());
+        assert_eq!((d.peer, a.peer), (0, 2));
+        // Both sides derived the same keys, one per direction.
+        let (dk, ak) = (d.keys.as_mut().unwrap(), a.keys.as_mut().unwrap());
+        let mut f = (5u32 + sealed::TAG_LEN as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(b"\x01page");
+        dk.seal.seal_frame(&mut f).unwrap();
+        let hdr = f[..4].try_into().unwrap();
+        let n = ak.open.open_frame(hdr, &mut f[4..]).unwrap();
+        assert_eq!(&f[4..4 + n], b"\x01page");
+    }
+
+    #[test]
+    fn auth_only_links_get_no_keys() {
+        let mut e = exp(1);
+        e.security = TransportSecurity::AuthOnly;
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut ae = exp(0);
+            ae.security = TransportSecurity::AuthOnly;
+            accept(&mut b, b"k", &ae)
+        });
+        let d = dial(&mut a, b"k", &e, 0).unwrap();
+        assert!(d.keys.is_none() && t.join().unwrap().unwrap().keys.is_none());
+    }
+
+    #[test]
+    fn a_security_mismatch_is_refused_naming_both_modes() {
+        let mut e = exp(1);
+        e.security = TransportSecurity::AuthOnly;
+        let (d, a) = run_pair(b"k", b"k", e);
+        let msg = a.unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "transport security auth-only does not match this node's aead"
+        );
+        assert!(d.unwrap_err().to_string().contains(&msg));
+    }
+
+    #[test]
+    fn a_peer_of_the_previous_protocol_version_is_refused() {
+        // A version-1 Hello (no security byte), as the last release sent.
+        let mut v1 = MAGIC.to_vec();
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&42u64.to_le_bytes());
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&3u16.to_le_bytes());
+        v1.extend_from_slice(&[0u8; 32]);
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || accept(&mut b, b"k", &exp(0)));
+        write_frame(&mut a, CH_HELLO, &v1).unwrap();
+        let e = read_handshake_frame(&mut a).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "refused by peer: protocol version 1 is not supported (this node speaks version 2)"
+        );
+        assert!(matches!(
+            t.join().unwrap(),
+            Err(HandshakeError::Version { theirs: 1 })
+        ));
     }
 
     #[test]
@@ -490,7 +622,7 @@ mod tests {
 
     #[test]
     fn wrong_version_and_magic_are_named() {
-        let mut h = Hello::new(1, 1, 2).encode();
+        let mut h = Hello::new(1, 1, 2, TransportSecurity::Aead).encode();
         h[8] = 9;
         assert!(matches!(
             Hello::decode(&h),

@@ -1,7 +1,8 @@
 //! How nodes talk: the [`Transport`] trait and its implementations.
 //!
 //! A transport gives every pair of nodes one reliable, authenticated,
-//! message-framed connection. See `transport/WIRE.md` for the bytes.
+//! message-framed connection, sealed (encrypted and integrity-protected) by
+//! default ([`sealed`]). See `transport/WIRE.md` for the bytes.
 //!
 //! * [`tcp::TcpTransport`]: TCP, always available and always tested;
 //! * `rdma::RdmaTransport` (feature `rdma`): InfiniBand/RoCE verbs.
@@ -17,6 +18,7 @@ mod mesh;
 mod peers;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+pub mod sealed;
 pub mod tcp;
 
 use std::io;

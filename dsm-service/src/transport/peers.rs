@@ -28,10 +28,11 @@ const ALIVE: u8 = 0;
 const LEFT: u8 = 1;
 const DOWN: u8 = 2;
 
-/// Checks a received frame's length (channel byte included) against `max`.
-pub(crate) fn check_frame_len(len: usize, max: usize) -> Result<(), String> {
-    if len == 0 || len > max {
-        return Err(format!("frame length {len} outside 1..={max}"));
+/// Checks a received frame's length (channel byte, and tag if sealed,
+/// included) against `min..=max`.
+pub(crate) fn check_frame_len(len: usize, min: usize, max: usize) -> Result<(), String> {
+    if len < min || len > max {
+        return Err(format!("frame length {len} outside {min}..={max}"));
     }
     Ok(())
 }
@@ -314,15 +315,19 @@ mod tests {
 
     #[test]
     fn frame_lengths_outside_the_limit_are_named() {
-        assert!(check_frame_len(1, 10).is_ok());
-        assert!(check_frame_len(10, 10).is_ok());
+        assert!(check_frame_len(1, 1, 10).is_ok());
+        assert!(check_frame_len(10, 1, 10).is_ok());
         assert_eq!(
-            check_frame_len(0, 10).unwrap_err(),
+            check_frame_len(0, 1, 10).unwrap_err(),
             "frame length 0 outside 1..=10"
         );
         assert_eq!(
-            check_frame_len(11, 10).unwrap_err(),
+            check_frame_len(11, 1, 10).unwrap_err(),
             "frame length 11 outside 1..=10"
+        );
+        assert_eq!(
+            check_frame_len(16, 17, 26).unwrap_err(),
+            "frame length 16 outside 17..=26"
         );
     }
 

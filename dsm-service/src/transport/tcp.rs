@@ -8,6 +8,11 @@
 //! and queues whatever the socket does not take, in order, for the writer
 //! thread. So a receive thread that answers a request never blocks on a full
 //! socket, and two nodes streaming at each other cannot deadlock.
+//!
+//! Under `transport-security=aead` a frame is sealed under the same lock
+//! that orders it onto the socket (so the sealing counter and the wire
+//! order agree), and the receive thread opens each frame before it is
+//! delivered ([`super::sealed`]).
 
 use std::collections::VecDeque;
 use std::io::{self, BufReader, Read};
@@ -19,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use super::handshake::{self, Expect};
+use super::handshake::{self, Expect, Session};
 use super::mesh::{self, BootstrapError, MeshSide};
 use super::peers::{self, LinkState, PeerLink, Peers, LEAVE_DRAIN, LINK_GOODBYE, LINK_HEARTBEAT};
+use super::sealed::{Opener, Sealer};
 use super::{channel, FrameSink, PeerDown, Transport, TransportError};
 use crate::{ClusterConfig, NodeId};
 
@@ -65,6 +71,10 @@ struct OutQueue {
     bufs: VecDeque<Vec<u8>>,
     writer_busy: bool,
     closed: bool,
+    /// Seals outgoing frames (`None` under `auth-only`).
+    sealer: Option<Sealer>,
+    /// Where the next frame is sealed; kept to reuse its allocation.
+    scratch: Vec<u8>,
 }
 
 impl TcpTransport {
@@ -135,19 +145,20 @@ impl MeshSide for Inner {
         peer: NodeId,
     ) -> Result<(), BootstrapError> {
         let cfg = &self.peers.cfg;
-        handshake::dial(&mut stream, &cfg.key, &Expect::for_node(cfg), peer)?;
-        self.install(peer, stream);
+        let session = handshake::dial(&mut stream, &cfg.key, &Expect::for_node(cfg), peer)?;
+        self.install(session, stream);
         Ok(())
     }
 
     fn accept_bootstrap(self: &Arc<Self>, mut stream: TcpStream) -> Result<(), BootstrapError> {
         let cfg = &self.peers.cfg;
-        let peer = handshake::accept(&mut stream, &cfg.key, &Expect::for_node(cfg))?;
+        let session = handshake::accept(&mut stream, &cfg.key, &Expect::for_node(cfg))?;
+        let peer = session.peer;
         if self.peers.linked(peer) {
             handshake::send_reject(&mut stream, &mesh::already_connected(peer));
             return Err(BootstrapError::AlreadyConnected(peer));
         }
-        self.install(peer, stream);
+        self.install(session, stream);
         Ok(())
     }
 
@@ -162,7 +173,7 @@ impl MeshSide for Inner {
 
 impl Inner {
     fn send(&self, to: NodeId, ch: u8, payload: &[u8]) -> Result<(), TransportError> {
-        let len = self.peers.frame_len(payload)?;
+        let len = self.peers.frame_len(payload)? + self.peers.cfg.security.overhead();
         let link = self.peers.alive(to)?;
         let mut hdr = [0u8; 5];
         hdr[..4].copy_from_slice(&(len as u32).to_le_bytes());
@@ -170,41 +181,88 @@ impl Inner {
         self.peers
             .bytes_sent
             .fetch_add(len as u64 + 4, Ordering::Relaxed);
-        let mut q = link.out.lock().expect("lock");
+        let mut guard = link.out.lock().expect("lock");
+        let q = &mut *guard;
         if q.closed {
             return Err(TransportError::PeerDown(to));
         }
+        let Some(sealer) = q.sealer.as_mut() else {
+            return self.push(link, guard, &hdr, payload, None);
+        };
+        let mut frame = std::mem::take(&mut q.scratch);
+        frame.clear();
+        frame.extend_from_slice(&hdr);
+        frame.extend_from_slice(payload);
+        if let Err(e) = sealer.seal_frame(&mut frame) {
+            drop(guard);
+            self.link_failed(link, PeerDown::ProtocolError(e.to_string()));
+            return Err(TransportError::PeerDown(to));
+        }
+        self.push(link, guard, &[], &[], Some(frame))
+    }
+
+    /// Puts one frame on the wire in order: written straight to the socket
+    /// when nothing is queued, whatever it does not take queued for the
+    /// writer thread. The frame is `hdr` then `payload`, or the sealed
+    /// `frame` (whose allocation is kept for the next one when it all went).
+    fn push(
+        &self,
+        link: &Link,
+        mut q: std::sync::MutexGuard<'_, OutQueue>,
+        hdr: &[u8],
+        payload: &[u8],
+        frame: Option<Vec<u8>>,
+    ) -> Result<(), TransportError> {
+        let (a, b) = match &frame {
+            Some(f) => (&f[..], &[][..]),
+            None => (hdr, payload),
+        };
+        let total = a.len() + b.len();
         let mut sent = 0;
         if q.bufs.is_empty() && !q.writer_busy {
-            sent = match send_dontwait(&link.stream, &hdr, payload) {
+            sent = match send_dontwait(&link.stream, a, b) {
                 Ok(n) => n,
                 Err(e) => {
                     drop(q);
                     self.link_failed(link, PeerDown::Disconnected(e.to_string()));
                     return Err(TransportError::Send {
-                        peer: to,
+                        peer: link.peer,
                         source: e,
                     });
                 }
             };
-            if sent == len + 4 {
-                return Ok(());
+        }
+        match frame {
+            Some(f) if sent == total => q.scratch = f,
+            Some(mut f) => {
+                f.drain(..sent);
+                q.bufs.push_back(f);
+            }
+            None if sent == total => {}
+            None => {
+                let mut rest = Vec::with_capacity(total - sent);
+                if sent < a.len() {
+                    rest.extend_from_slice(&a[sent..]);
+                    rest.extend_from_slice(b);
+                } else {
+                    rest.extend_from_slice(&b[sent - a.len()..]);
+                }
+                q.bufs.push_back(rest);
             }
         }
-        let mut rest = Vec::with_capacity(len + 4 - sent);
-        if sent < 5 {
-            rest.extend_from_slice(&hdr[sent..]);
-            rest.extend_from_slice(payload);
-        } else {
-            rest.extend_from_slice(&payload[sent - 5..]);
+        if sent < total {
+            link.out_cv.notify_one();
         }
-        q.bufs.push_back(rest);
-        link.out_cv.notify_one();
         Ok(())
     }
 
-    fn install(self: &Arc<Self>, peer: NodeId, stream: TcpStream) {
+    fn install(self: &Arc<Self>, session: Session, stream: TcpStream) {
         let me = self.peers.me();
+        let peer = session.peer;
+        let (sealer, opener) = match session.keys {
+            Some(k) => (Some(k.seal), Some(k.open)),
+            None => (None, None),
+        };
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(None);
         let _ = stream.set_read_timeout(Some(self.peers.cfg.peer_timeout));
@@ -218,7 +276,10 @@ impl Inner {
         let link = Arc::new(Link {
             peer,
             stream,
-            out: Mutex::new(OutQueue::default()),
+            out: Mutex::new(OutQueue {
+                sealer,
+                ..OutQueue::default()
+            }),
             out_cv: Condvar::new(),
             state: LinkState::default(),
         });
@@ -229,7 +290,7 @@ impl Inner {
             let inner = self.clone();
             let link = link.clone();
             mesh::spawn(format!("fv-rx-{me}-{peer}"), move || {
-                inner.receive_loop(&link, reader)
+                inner.receive_loop(&link, reader, opener)
             });
         }
         {
@@ -242,20 +303,28 @@ impl Inner {
         self.peers.link_up();
     }
 
-    fn receive_loop(&self, link: &Link, reader: TcpStream) {
-        let max = self.peers.cfg.max_frame;
+    fn receive_loop(&self, link: &Link, reader: TcpStream, mut opener: Option<Opener>) {
+        let overhead = self.peers.cfg.security.overhead();
+        let (min, max) = (1 + overhead, self.peers.cfg.max_frame + overhead);
         let mut r = BufReader::with_capacity(256 << 10, reader);
         let mut body = Vec::new();
         let why = loop {
-            match read_frame(&mut r, &mut body, max) {
-                Ok(()) => {}
+            let hdr = match read_frame(&mut r, &mut body, min, max) {
+                Ok(hdr) => hdr,
                 Err(PeerDown::Silent(_)) => break PeerDown::Silent(self.peers.cfg.peer_timeout),
                 Err(e) => break e,
-            }
+            };
             self.peers
                 .bytes_received
                 .fetch_add(body.len() as u64 + 4, Ordering::Relaxed);
-            if let Err(e) = self.peers.deliver(link, &body) {
+            let clear = match opener.as_mut() {
+                None => body.len(),
+                Some(o) => match o.open_frame(hdr, &mut body) {
+                    Ok(n) => n,
+                    Err(e) => break PeerDown::ProtocolError(e.to_string()),
+                },
+            };
+            if let Err(e) = self.peers.deliver(link, &body[..clear]) {
                 break e;
             }
         };
@@ -319,14 +388,21 @@ impl Inner {
     }
 }
 
-/// Reads one frame into `body` (channel byte first).
-fn read_frame(r: &mut impl Read, body: &mut Vec<u8>, max: usize) -> Result<(), PeerDown> {
+/// Reads one frame into `body` (channel byte first, or the sealed bytes and
+/// their tag); returns its length prefix.
+fn read_frame(
+    r: &mut impl Read,
+    body: &mut Vec<u8>,
+    min: usize,
+    max: usize,
+) -> Result<[u8; 4], PeerDown> {
     let mut hdr = [0u8; 4];
     read_exact(r, &mut hdr)?;
     let len = u32::from_le_bytes(hdr) as usize;
-    peers::check_frame_len(len, max).map_err(PeerDown::ProtocolError)?;
+    peers::check_frame_len(len, min, max).map_err(PeerDown::ProtocolError)?;
     body.resize(len, 0);
-    read_exact(r, body)
+    read_exact(r, body)?;
+    Ok(hdr)
 }
 
 fn read_exact(r: &mut impl Read, buf: &mut [u8]) -> Result<(), PeerDown> {

@@ -7,6 +7,7 @@ use super::options::ENV_FALLBACKS;
 use super::values::{parse_i64, parse_peers, parse_u32, read_key_file, semicolon_list};
 use super::{AccelConfig, ClusterKey, ConfigError, Engine, PeerAddr, MAX_NODES};
 use crate::placement::VcpuPlacement;
+use dsm_service::TransportSecurity;
 
 /// Collects option values as QEMU parses `-accel`, then validates them.
 #[derive(Debug, Clone, Default)]
@@ -18,6 +19,7 @@ pub struct ConfigBuilder {
     key_file: Option<PathBuf>,
     vcpu_map: Option<Vec<u32>>,
     peer_timeout_ms: Option<u32>,
+    transport_security: Option<TransportSecurity>,
     prefetch: Option<u32>,
     hot_pages: Option<u32>,
     log: Option<String>,
@@ -59,6 +61,10 @@ impl ConfigBuilder {
                     return Err(ConfigError::ZeroPeerTimeout);
                 }
                 self.peer_timeout_ms = Some(ms);
+            }
+            "transport-security" => {
+                self.transport_security =
+                    Some(value.parse().map_err(ConfigError::TransportSecurity)?);
             }
             "vcpu-map" => {
                 let map = value
@@ -111,6 +117,7 @@ impl ConfigBuilder {
                 .peer_timeout_ms
                 .unwrap_or(DEFAULT_PEER_TIMEOUT_MS)
                 .to_string(),
+            "transport-security" => self.transport_security.unwrap_or_default().to_string(),
             "vcpu-map" => semicolon_list(self.vcpu_map.as_deref().unwrap_or_default()),
             "prefetch" => self.prefetch.unwrap_or(0).to_string(),
             "hot-pages" => self.hot_pages.unwrap_or(0).to_string(),
@@ -225,6 +232,7 @@ impl ConfigBuilder {
             key,
             vcpu_map,
             peer_timeout_ms: self.peer_timeout_ms,
+            transport_security: self.transport_security.unwrap_or_default(),
             prefetch: self.prefetch.unwrap_or(0),
             hot_pages: self.hot_pages.unwrap_or(0),
             log: self.log.clone(),

@@ -103,6 +103,9 @@ pub enum ConfigError {
         /// The I/O error, as text.
         reason: String,
     },
+    /// A `transport-security` value that is not one.
+    #[error(transparent)]
+    TransportSecurity(dsm_service::transport::sealed::BadSecurity),
     /// `peer-timeout-ms=0`.
     #[error("peer-timeout-ms=0: the peer timeout must be at least 1 ms")]
     ZeroPeerTimeout,

@@ -14,6 +14,7 @@
 //! | `key`      | pre-shared cluster key (at least 16 bytes)                |
 //! | `key-file` | file holding the pre-shared cluster key                   |
 //! | `peer-timeout-ms` | a peer silent this long is declared failed (default 5000) |
+//! | `transport-security` | `aead` (default: every frame after the handshake encrypted and authenticated) or `auth-only` (peers authenticated, frames in clear; a warning at start) |
 //! | `vcpu-map` | node of each vCPU, in vCPU order (default: contiguous blocks) |
 //! | `prefetch` | DSM read-ahead for guest RAM, in pages (default 0: off); fallback `FRAGVISOR_DSM_PREFETCH` |
 //! | `hot-pages` | list the N guest pages with the most DSM faults under the exit summary (default 0: off); fallback `FRAGVISOR_DSM_HOT_PAGES` |
@@ -91,6 +92,9 @@ pub struct AccelConfig {
     pub vcpu_map: Vec<u32>,
     /// `peer-timeout-ms`, if given.
     pub peer_timeout_ms: Option<u32>,
+    /// `transport-security`: what protects the cluster links (default
+    /// `aead`: every frame sealed).
+    pub transport_security: dsm_service::TransportSecurity,
     /// `prefetch`: DSM read-ahead for guest RAM, in pages; 0 is off.
     ///
     /// Off by default. A 2-node Linux boot first livelocked with read-ahead
@@ -380,7 +384,25 @@ mod tests {
         for opt in OPTIONS {
             assert!(ConfigBuilder::new().get(opt.name).is_ok(), "{}", opt.name);
         }
-        assert_eq!(OPTIONS.len(), 12);
+        assert_eq!(OPTIONS.len(), 13);
+    }
+
+    #[test]
+    fn transport_security_defaults_to_aead_and_names_bad_values() {
+        let mut b = ConfigBuilder::new();
+        assert_eq!(b.get("transport-security").unwrap(), "aead");
+        let cfg = b.build(Engine::Tcg).unwrap();
+        assert_eq!(cfg.transport_security, dsm_service::TransportSecurity::Aead);
+        b.set("transport-security", "auth-only").unwrap();
+        assert_eq!(b.get("transport-security").unwrap(), "auth-only");
+        assert_eq!(
+            b.build(Engine::Tcg).unwrap().transport_security,
+            dsm_service::TransportSecurity::AuthOnly
+        );
+        assert_eq!(
+            b.set("transport-security", "tls").unwrap_err().to_string(),
+            "transport-security=tls: expected aead or auth-only"
+        );
     }
 
     #[test]

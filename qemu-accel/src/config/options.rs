@@ -38,6 +38,10 @@ pub const OPTIONS: &[OptionSpec] = &[
         help: "a peer silent this many ms is declared failed and the VM stops naming it (default 5000)",
     },
     OptionSpec {
+        name: "transport-security",
+        help: "aead (default): every cluster frame encrypted and authenticated; auth-only: peers authenticated, guest memory sent in clear",
+    },
+    OptionSpec {
         name: "vcpu-map",
         help: "node that runs each vCPU, in vCPU order, separated by ';' or ':' (default: contiguous blocks)",
     },

@@ -6,6 +6,7 @@ use super::devices::device_args;
 use super::spec::VmSpec;
 use super::LaunchError;
 use crate::config::PeerAddr;
+use dsm_service::TransportSecurity;
 
 /// What every node needs to know about the cluster besides the [`VmSpec`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +94,9 @@ pub fn accel_value(spec: &VmSpec, node: u32, addrs: &ClusterAddrs) -> String {
     }
     if let Some(ms) = spec.peer_timeout_ms {
         v.push_str(&format!(",peer-timeout-ms={ms}"));
+    }
+    if spec.transport_security != TransportSecurity::default() {
+        v.push_str(&format!(",transport-security={}", spec.transport_security));
     }
     if let Some(map) = &spec.vcpu_map {
         let m: Vec<String> = map.iter().map(u32::to_string).collect();

@@ -27,6 +27,7 @@ use thiserror::Error;
 
 use crate::config::{Engine, PeerAddr};
 use cmdline::{cluster_script, node_args, ClusterAddrs};
+use dsm_service::TransportSecurity;
 use spec::{FileConfig, NetMode, Overrides, VmSpec, DEFAULT_PORT};
 use supervise::{run_nodes, stdin_forwardable, NodeCommand, Supervision};
 use virtual_hosts::{HostImage, HostVmOptions, Segment};
@@ -167,6 +168,11 @@ pub struct VmArgs {
     /// DSM peer timeout in ms, passed to the accelerator as peer-timeout-ms=.
     #[arg(long)]
     peer_timeout_ms: Option<u64>,
+    /// What protects the cluster links: aead (every frame encrypted and
+    /// authenticated) or auth-only (peers authenticated, guest memory in
+    /// clear) [default: aead].
+    #[arg(long, value_name = "aead|auth-only")]
+    transport_security: Option<TransportSecurity>,
     /// Node that runs each vCPU, in vCPU order, e.g. 0,1,0,1 (vCPU 0 on
     /// node 0, every node at least one) [default: contiguous blocks].
     #[arg(long, value_delimiter = ',', value_name = "NODE,NODE,...")]
@@ -295,6 +301,7 @@ impl VmArgs {
             port: self.port,
             hosts: (!hosts.is_empty()).then_some(hosts),
             peer_timeout_ms: self.peer_timeout_ms,
+            transport_security: self.transport_security,
             vcpu_map: self.vcpu_map,
             key_file: self.key_file,
             stop_timeout,

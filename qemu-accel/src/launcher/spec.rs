@@ -10,6 +10,8 @@ use super::devices::{self, DiskInfo, DiskSpec, NetArg, NetSpec, SystemImage};
 use super::LaunchError;
 use crate::config::{ConfigError, Engine, PeerAddr, MAX_NODES};
 use crate::placement::VcpuPlacement;
+use dsm_service::transport::sealed::BadSecurity;
+use dsm_service::TransportSecurity;
 
 /// Kernel command line used when a kernel is given without `append`.
 pub const DEFAULT_APPEND: &str = "console=ttyS0 clocksource=tsc tsc=reliable";
@@ -157,6 +159,8 @@ pub struct FileConfig {
     pub hosts: Option<Vec<String>>,
     /// DSM peer timeout handed to the accelerator, ms.
     pub peer_timeout_ms: Option<u64>,
+    /// `aead` (default) or `auth-only`: what protects the cluster links.
+    pub transport_security: Option<String>,
     /// Node that runs each vCPU, in vCPU order (default: contiguous blocks).
     pub vcpu_map: Option<Vec<u32>>,
     /// Cluster key file (generated per run when absent).
@@ -236,6 +240,7 @@ pub struct Overrides {
     pub port: Option<u16>,
     pub hosts: Option<Vec<String>>,
     pub peer_timeout_ms: Option<u64>,
+    pub transport_security: Option<TransportSecurity>,
     pub vcpu_map: Option<Vec<u32>>,
     pub key_file: Option<PathBuf>,
     pub stop_timeout: Option<f64>,
@@ -283,6 +288,8 @@ pub struct VmSpec {
     pub hosts: Vec<String>,
     /// DSM peer timeout for the accelerator, ms.
     pub peer_timeout_ms: Option<u64>,
+    /// What protects the cluster links (`transport-security=`).
+    pub transport_security: TransportSecurity,
     /// Explicit vCPU placement (`vcpu-map`): node of each vCPU.
     pub vcpu_map: Option<Vec<u32>>,
     /// Cluster key file, if given.
@@ -458,6 +465,13 @@ impl VmSpec {
         if flags.peer_timeout_ms.or(file.peer_timeout_ms) == Some(0) {
             return usage("peer-timeout-ms=0: expected a positive number of milliseconds".into());
         }
+        let transport_security = match (flags.transport_security, &file.transport_security) {
+            (Some(s), _) => s,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e: BadSecurity| LaunchError::Usage(e.to_string()))?,
+            (None, None) => TransportSecurity::default(),
+        };
         let port = flags.port.or(file.port);
         if port == Some(0) {
             return usage("port=0: expected a TCP port 1..65535".into());
@@ -487,6 +501,7 @@ impl VmSpec {
             port,
             hosts,
             peer_timeout_ms: flags.peer_timeout_ms.or(file.peer_timeout_ms),
+            transport_security,
             vcpu_map,
             key_file: flags.key_file.or(file.key_file),
             stop_timeout,

@@ -185,6 +185,7 @@ pub fn dsm_config(
         .unwrap_or_default();
     let mut d = dsm_service::ClusterConfig::new(cluster_id(cfg), cfg.node_id as NodeId, addrs, key);
     d.peer_timeout = peer_timeout;
+    d.security = cfg.transport_security;
     Ok(d)
 }
 
@@ -240,6 +241,9 @@ impl Runtime {
         host: Arc<dyn Host>,
     ) -> Result<Arc<Runtime>, RuntimeError> {
         crate::clock::set_test_clock(config.test_clock);
+        if let Some(w) = config.dsm.security.start_warning() {
+            tracing::warn!(node = config.dsm.node_id, "{w}");
+        }
         let node = Self::join_dsm(config, regions, homes, on_page_change)?;
         let events = node
             .take_events()

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use dsm_service::transport::channel;
 use dsm_service::uffd::{Uffd, PAGE_SIZE};
-use dsm_service::DsmNode;
+use dsm_service::{DsmNode, TransportSecurity};
 use serde_json::{json, Value};
 
 use crate::workload::Mem;
@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// Round trips of the ping-pong.
     #[arg(long, default_value_t = 2000)]
     pingpong: u64,
+    /// Clusters measured per transport security mode (aead, auth-only),
+    /// alternating; the figures are their medians.
+    #[arg(long, default_value_t = 5)]
+    security_runs: usize,
 }
 
 const A_FIRST: u64 = 0;
@@ -240,11 +244,81 @@ pub fn run(a: &BenchArgs) -> ExitCode {
     }
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Measures `security_runs` clusters in each transport security mode,
+/// alternating (so load on this shared machine hits both alike): the
+/// figures of the aead run with the median fault latency, plus each mode's
+/// median fault latency and sequential read, and what sealing costs.
 fn run_inner(a: &BenchArgs) -> Result<Value, String> {
     let samples = a.samples.clamp(10, SAMPLES_MAX);
     let uffd = uffd_floor(samples)?;
     eprintln!("bench: uffd floor p50 {:.1} us", percentile(&uffd, 0.5));
+    let modes = [TransportSecurity::Aead, TransportSecurity::AuthOnly];
+    let mut runs: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..a.security_runs.max(1) {
+        for (m, mode) in modes.iter().enumerate() {
+            eprintln!("bench: transport-security={mode}");
+            runs[m].push(run_cluster(a, samples, &uffd, *mode)?);
+        }
+    }
+    let figure = |m: usize, key: &str| {
+        median(
+            runs[m]
+                .iter()
+                .map(|v| v[key].as_f64().unwrap_or(0.0))
+                .collect(),
+        )
+    };
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    let (fault_aead, fault_auth) = (
+        figure(0, "read_fault_p50_us"),
+        figure(1, "read_fault_p50_us"),
+    );
+    let (seq_aead, seq_auth) = (
+        figure(0, "seq_read_mb_per_s"),
+        figure(1, "seq_read_mb_per_s"),
+    );
+    let mut v = runs[0]
+        .iter()
+        .find(|v| v["read_fault_p50_us"].as_f64() == Some(fault_aead))
+        .cloned()
+        .expect("the median is one of the runs");
+    let o = v.as_object_mut().expect("an object");
+    o.insert("transport_security".into(), json!("aead"));
+    o.insert("security_runs".into(), json!(runs[0].len()));
+    o.insert("read_fault_p50_us".into(), json!(fault_aead));
+    o.insert("seq_read_mb_per_s".into(), json!(seq_aead));
+    o.insert("read_fault_p50_us_aead".into(), json!(fault_aead));
+    o.insert("read_fault_p50_us_auth_only".into(), json!(fault_auth));
+    o.insert("seq_read_mb_per_s_aead".into(), json!(seq_aead));
+    o.insert("seq_read_mb_per_s_auth_only".into(), json!(seq_auth));
+    o.insert(
+        "aead_fault_cost".into(),
+        json!(r2(fault_aead / fault_auth - 1.0)),
+    );
+    o.insert(
+        "aead_seq_read_cost".into(),
+        json!(r2(1.0 - seq_aead / seq_auth)),
+    );
+    eprintln!(
+        "bench: medians of {} runs: read fault p50 {fault_aead:.1} us sealed, {fault_auth:.1} us auth-only; \
+         sequential read {seq_aead:.0} MB/s sealed, {seq_auth:.0} MB/s auth-only",
+        runs[0].len()
+    );
+    Ok(v)
+}
 
+/// One two-node cluster in `security` mode, measured.
+fn run_cluster(
+    a: &BenchArgs,
+    samples: u64,
+    uffd: &[f64],
+    security: TransportSecurity,
+) -> Result<Value, String> {
     let addrs = cluster::free_loopback_addrs(2)?;
     let key = cluster::write_key_file()?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -272,6 +346,8 @@ fn run_inner(a: &BenchArgs) -> Result<Value, String> {
             "--homes",
             "origin",
             "--prefill",
+            "--transport-security",
+            security.as_str(),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -292,10 +368,11 @@ fn run_inner(a: &BenchArgs) -> Result<Value, String> {
         connect_timeout_ms: 60_000,
         prefetch: 64,
         transport: "tcp".into(),
+        transport_security: security,
         prefill: false,
         pause_ms: 0,
     };
-    let r = start_node(&args).and_then(|(node, mem)| client(a, samples, uffd, node, mem));
+    let r = start_node(&args).and_then(|(node, mem)| client(a, samples, uffd.to_vec(), node, mem));
     let _ = std::fs::remove_file(&key);
     let status = child.wait().map_err(|e| e.to_string())?;
     let v = r?;

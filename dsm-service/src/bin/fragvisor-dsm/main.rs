@@ -22,7 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use dsm_service::home::HomeMap;
 use dsm_service::node::{DsmOptions, TransportKind};
 use dsm_service::uffd::PAGE_SIZE;
-use dsm_service::{ClusterConfig, DsmEvent, DsmNode, NodeId};
+use dsm_service::{ClusterConfig, DsmEvent, DsmNode, NodeId, TransportSecurity};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -91,6 +91,9 @@ pub struct NodeArgs {
     /// Transport: tcp or rdma.
     #[arg(long, default_value = "tcp")]
     transport: String,
+    /// What protects each link: aead (sealed, the default) or auth-only.
+    #[arg(long, default_value = "aead")]
+    transport_security: TransportSecurity,
     /// Origin only: write a pattern into the whole region before joining.
     #[arg(long)]
     prefill: bool,
@@ -145,6 +148,7 @@ impl NodeArgs {
         let mut cfg = ClusterConfig::new(self.cluster_id, self.node_id, self.addrs.clone(), key);
         cfg.peer_timeout = Duration::from_millis(self.peer_timeout_ms);
         cfg.connect_timeout = Duration::from_millis(self.connect_timeout_ms);
+        cfg.security = self.transport_security;
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
     }
@@ -203,6 +207,11 @@ fn node_main(a: &NodeArgs) -> ExitCode {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe { libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t) };
     let me = a.node_id;
+    if let Some(w) = a.transport_security.start_warning() {
+        if a.workload != "bench-server" {
+            eprintln!("fragvisor-dsm: node {me}: warning: {w}");
+        }
+    }
     let (node, mem) = match start_node(a) {
         Ok(x) => x,
         Err(e) => {

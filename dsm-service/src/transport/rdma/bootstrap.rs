@@ -108,7 +108,7 @@ fn bootstrap_accept<S: Read + Write, Q>(
     exp: &Expect,
     prepare: impl FnOnce(NodeId) -> Result<(Q, QpInfo), TransportError>,
 ) -> Result<(NodeId, Q, QpInfo), BootstrapError> {
-    let peer = handshake::accept(s, key, exp)?;
+    let peer = handshake::accept(s, key, exp)?.peer;
     let (q, mine) = prepare(peer).map_err(|e| {
         handshake::send_reject(s, &e.to_string());
         BootstrapError::Local(e)
@@ -330,6 +330,7 @@ mod tests {
             cluster_id: 42,
             local,
             nodes: 2,
+            security: crate::TransportSecurity::AuthOnly,
         }
     }
 

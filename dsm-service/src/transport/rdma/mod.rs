@@ -84,6 +84,11 @@ impl std::fmt::Debug for RdmaTransport {
     }
 }
 
+/// Why the RDMA transport refuses `transport-security=aead`.
+pub const RDMA_IN_CLEAR: &str = "the RDMA transport does not seal its frames: \
+     start every node with transport-security=auth-only to run RDMA authenticated \
+     but in clear, on a fabric you trust, or use TCP";
+
 impl RdmaTransport {
     /// Opens the first usable RDMA device (or the one named by
     /// `FRAGVISOR_RDMA_DEVICE`), listens on this node's address, bootstraps a
@@ -99,6 +104,9 @@ impl RdmaTransport {
         let me = cfg.node_id;
         let n = cfg.nodes();
         let verbs = Arc::new(Verbs::open(n.saturating_sub(1))?);
+        if cfg.security != crate::TransportSecurity::AuthOnly {
+            return Err(TransportError::Unavailable(RDMA_IN_CLEAR.to_string()));
+        }
         info!(node = me, device = %verbs.name, gid_index = ?verbs.gid_index, "RDMA device opened");
         let listener = mesh::listen(cfg)?;
         let inner = Arc::new(Inner {

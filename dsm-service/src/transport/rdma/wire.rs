@@ -155,7 +155,7 @@ impl Reassembler {
                 return Err("a new frame started before the previous one ended".into());
             }
             let total = h.total as usize;
-            check_frame_len(total, max)?;
+            check_frame_len(total, 1, max)?;
             if last {
                 if chunk.len() != total {
                     return Err(format!(

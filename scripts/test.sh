@@ -22,6 +22,9 @@ scripts/ci-rdma-deps.sh
 cargo clippy -p dsm-service --features rdma --all-targets -- -D warnings
 cargo test --release -p dsm-service --features rdma rdma
 
+step "fuzz targets: a short smoke run each (scripts/fuzz.sh for long runs)"
+scripts/fuzz.sh 10
+
 step "patched QEMU: fetch, patch, build (cached), end-to-end tests"
 scripts/qemu/e2e.sh --no-fail-fast
 

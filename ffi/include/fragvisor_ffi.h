@@ -460,9 +460,10 @@ void fv_runtime_reset_done(const FvRuntime *rt);
 
 /*
  Joins the cluster described by `cfg` (after `fv_config_finish`) with the
- guest RAM `regions`, and starts the runtime. `peer_timeout_ms` applies
- unless the `peer-timeout-ms` option was given. Returns NULL and sets `*err`
- (free with `fv_string_free`) on failure.
+ guest RAM `regions`, and starts the runtime. Joining waits at most
+ `join_timeout_ms` for every peer to come up; once up, a peer silent for
+ the `peer-timeout-ms` option (default 5000) is declared failed. Returns
+ NULL and sets `*err` (free with `fv_string_free`) on failure.
 
  # Safety
  `cfg` must be a live, finished config; `regions` must point to `nregions`
@@ -475,7 +476,7 @@ FvRuntime *fv_runtime_start(const FvConfig *cfg,
                             size_t nregions,
                             const FvHostOps *ops,
                             void *ctx,
-                            uint32_t peer_timeout_ms,
+                            uint32_t join_timeout_ms,
                             char **err);
 
 /*

@@ -48,9 +48,10 @@ fn set_err(err: *mut *mut c_char, msg: String) {
 }
 
 /// Joins the cluster described by `cfg` (after `fv_config_finish`) with the
-/// guest RAM `regions`, and starts the runtime. `peer_timeout_ms` applies
-/// unless the `peer-timeout-ms` option was given. Returns NULL and sets `*err`
-/// (free with `fv_string_free`) on failure.
+/// guest RAM `regions`, and starts the runtime. Joining waits at most
+/// `join_timeout_ms` for every peer to come up; once up, a peer silent for
+/// the `peer-timeout-ms` option (default 5000) is declared failed. Returns
+/// NULL and sets `*err` (free with `fv_string_free`) on failure.
 ///
 /// # Safety
 /// `cfg` must be a live, finished config; `regions` must point to `nregions`
@@ -64,7 +65,7 @@ pub unsafe extern "C" fn fv_runtime_start(
     nregions: usize,
     ops: *const FvHostOps,
     ctx: *mut c_void,
-    peer_timeout_ms: u32,
+    join_timeout_ms: u32,
     err: *mut *mut c_char,
 ) -> *mut FvRuntime {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
@@ -99,11 +100,17 @@ pub unsafe extern "C" fn fv_runtime_start(
             }
             let list: Vec<(&str, u64, u64)> =
                 names.iter().map(|(n, a, l)| (n.as_str(), *a, *l)).collect();
-            // The `peer-timeout-ms` option wins over the caller's default.
-            let ms = resolved.config.peer_timeout_ms.unwrap_or(peer_timeout_ms);
+            // A frozen or cut-off host is named within the peer timeout
+            // (5 s by default): the heartbeats come from a thread of their
+            // own. Only the join may take long (every host starting QEMU).
+            let ms = resolved
+                .config
+                .peer_timeout_ms
+                .unwrap_or(qemu_accel::config::DEFAULT_PEER_TIMEOUT_MS);
             let timeout = Duration::from_millis(u64::from(ms.max(1)));
-            let config =
+            let mut config =
                 RuntimeConfig::new(&resolved.config, timeout).map_err(|e| e.to_string())?;
+            config.dsm.connect_timeout = Duration::from_millis(u64::from(join_timeout_ms.max(1)));
             let host = Arc::new(CHost { ops, ctx });
             let hook: Option<dsm_service::node::PageChangeHook> = ops.page_changed.map(|f| {
                 let h = host.clone();

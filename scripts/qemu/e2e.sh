@@ -21,8 +21,9 @@ export FRAGVISOR_LAUNCHER FRAGVISOR_HOST_IMAGE
 fv_log "FRAGVISOR_HOST_IMAGE=$FRAGVISOR_HOST_IMAGE"
 # The system-image tests boot the Debian image and reach it with ssh, curl
 # and iperf3; they check the disk with e2fsck and debugfs. The link-security
-# test captures the cluster link with tcpdump.
-fv_apt_install_retry openssh-client curl iperf3 e2fsprogs tcpdump
+# test captures the cluster link with tcpdump; the fault tests load the host
+# with stress-ng and slow a link with iptables (NFQUEUE to fv-link-shaper).
+fv_apt_install_retry openssh-client curl iperf3 e2fsprogs tcpdump stress-ng iptables
 FRAGVISOR_SYSTEM_IMAGE=$("$FV_ROOT/guest-kernel/build-system-image.sh" | tail -n1)
 export FRAGVISOR_SYSTEM_IMAGE
 fv_log "FRAGVISOR_SYSTEM_IMAGE=$FRAGVISOR_SYSTEM_IMAGE"

@@ -154,7 +154,7 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// The loopback port of each node, by node id.
     pub ports: Vec<u16>,
-    pub _dir: PathBuf,
+    _dir: PathBuf,
 }
 
 impl Cluster {

@@ -77,14 +77,14 @@ fn run_marker(accel_extra: &str, tag: &str) -> (Vec<u8>, Vec<u8>, String) {
         accel_extra: accel_extra.into(),
         ..ClusterSpec::linux(
             2,
-            &format!("fv.workload=marker fv.seed={seed} fv.rounds={ROUNDS} fv.delay=5"),
+            &format!("fv.workload=marker fv.seed={seed} fv.rounds={ROUNDS} fv.pause=5"),
         )
     };
     let pcap = scratch("link").join(format!("{tag}.pcap"));
     let mut cluster = Cluster::start(&spec);
-    let started = cluster.wait_origin_line("FV: workload marker start", Duration::from_secs(400));
+    let started = cluster.wait_origin_line("FV: pausing", Duration::from_secs(400));
     let mut capture = started.then(|| start_capture(&pcap, &cluster.ports));
-    let too_late = cluster.wait_origin_line("FV: marker begin", Duration::ZERO);
+    let too_late = cluster.wait_origin_line("FV: workload marker start", Duration::ZERO);
     let results = cluster.finish(Duration::from_secs(300));
     let all = transcript(&results);
     if let Some(c) = capture.as_mut() {
@@ -95,7 +95,7 @@ fn run_marker(accel_extra: &str, tag: &str) -> (Vec<u8>, Vec<u8>, String) {
     assert!(started, "the guest never started its workload\n{all}");
     assert!(
         !too_late,
-        "the marker began before tcpdump listened (fv.delay too short)\n{all}"
+        "the marker began before tcpdump listened (fv.pause too short)\n{all}"
     );
     for r in &results {
         assert_eq!(r.code(), Some(0), "node {} did not exit 0\n{all}", r.id);

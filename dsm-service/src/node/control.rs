@@ -29,7 +29,7 @@ const TAG_BARRIER_RELEASE: u8 = 3;
 
 /// One control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum ControlMsg {
+pub enum ControlMsg {
     /// Origin → node: runs `(first page, count)` the origin holds.
     Touched {
         /// The last chunk of the start-up state.
@@ -51,7 +51,7 @@ pub(super) enum ControlMsg {
 
 /// A control message that cannot be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(super) enum ControlDecodeError {
+pub enum ControlDecodeError {
     /// No bytes at all.
     #[error("empty control message")]
     Empty,

@@ -28,7 +28,7 @@
 //! directory and one for this node's pages; a thread may take a page's
 //! directory lock and then its local lock, never the other way round.
 
-mod control;
+pub mod control;
 mod directory;
 mod engine;
 mod fault;

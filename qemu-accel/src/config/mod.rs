@@ -336,6 +336,33 @@ mod tests {
     }
 
     #[test]
+    fn key_files_that_are_no_key_are_refused_without_reading_them_whole() {
+        for (path, why) in [
+            ("/dev/zero", "not a regular file"),
+            ("/proc", "not a regular file"),
+        ] {
+            let err = builder(&[("key-file", path)])
+                .build(Engine::Kvm)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(err, format!("key-file={path}: {why}"));
+        }
+        let dir = std::env::temp_dir().join(format!("fv-bigkey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.key");
+        std::fs::write(&big, vec![b'k'; 5000]).unwrap();
+        let err = builder(&[("key-file", big.to_str().unwrap())])
+            .build(Engine::Kvm)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(": larger than 4096 bytes: not a key file"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn key_is_never_shown() {
         let b = builder(&[("key", KEY)]);
         assert_eq!(b.get("key").unwrap(), "<set>");

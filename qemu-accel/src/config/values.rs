@@ -120,14 +120,34 @@ pub(super) fn parse_peers(value: &str) -> Result<Vec<PeerAddr>, ConfigError> {
         .collect()
 }
 
+/// Largest key file read: a key is a few dozen bytes.
+const MAX_KEY_FILE: u64 = 4096;
+
 /// Read a key file; one trailing newline (as editors write) is not part of
 /// the key.
 pub(super) fn read_key_file(path: &std::path::Path) -> Result<ClusterKey, ConfigError> {
+    use std::io::Read;
     let shown = path.display().to_string();
-    let mut bytes = std::fs::read(path).map_err(|e| ConfigError::KeyFile {
+    let fail = |reason: String| ConfigError::KeyFile {
         path: shown.clone(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    // Read one byte past the limit, so that a file that grows (or lies
+    // about its size) is still refused, never read whole.
+    let mut bytes = Vec::new();
+    file.take(MAX_KEY_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(e.to_string()))?;
+    if bytes.len() as u64 > MAX_KEY_FILE {
+        return Err(fail(format!(
+            "larger than {MAX_KEY_FILE} bytes: not a key file"
+        )));
+    }
     if bytes.ends_with(b"\n") {
         bytes.pop();
         if bytes.ends_with(b"\r") {

@@ -233,8 +233,10 @@ pub struct RunArgs {
     /// + 768M].
     #[arg(long, value_parser = spec::parse_memory, value_name = "SIZE")]
     host_memory: Option<u64>,
-    /// With --virtual-hosts: `tc netem` arguments for every host's link,
-    /// e.g. "delay 2ms" or "delay 1ms loss 0.1%".
+    /// With --virtual-hosts or --netns: `tc netem` arguments for every
+    /// host's link, e.g. "delay 2ms" or "delay 1ms loss 0.1%" (with
+    /// --netns: on the host end of each node's veth, so a frame between two
+    /// nodes passes it once).
     #[arg(long, value_name = "NETEM")]
     host_link: Option<String>,
 }
@@ -470,6 +472,9 @@ fn run_cmd(mut spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchEr
     let mut commands = Vec::new();
     let peers: Vec<PeerAddr> = match spec.network {
         NetMode::VirtualHosts => {
+            spec.peer_timeout_ms = spec
+                .peer_timeout_ms
+                .or(Some(virtual_hosts::HOST_VM_PEER_TIMEOUT_MS));
             let image = HostImage::resolve(hosts.image.as_deref())?;
             let seg = Segment::create(spec.nodes, hosts.link.as_deref())?;
             let peers = virtual_hosts::segment_peers(&spec);
@@ -506,7 +511,7 @@ fn run_cmd(mut spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchEr
             peers
         }
         NetMode::Netns => {
-            let (n, ips) = netns::Netns::create(spec.nodes)?;
+            let (n, ips) = netns::Netns::create(spec.nodes, hosts.link.as_deref())?;
             let port = spec.port.unwrap_or(DEFAULT_PORT);
             let peers: Vec<PeerAddr> = ips
                 .into_iter()
@@ -631,10 +636,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode, LaunchError> {
         Cmd::Run(r) => {
             let local = r.hosts.is_empty();
             let print = r.print_commands;
-            let host_flags = r.host_image.is_some()
-                || r.host_smp.is_some()
-                || r.host_memory.is_some()
-                || r.host_link.is_some();
+            let host_flags =
+                r.host_image.is_some() || r.host_smp.is_some() || r.host_memory.is_some();
+            let link_flag = r.host_link.is_some();
             let host_vms = HostVmOptions {
                 image: r.host_image,
                 smp: r.host_smp.unwrap_or(virtual_hosts::DEFAULT_HOST_SMP),
@@ -644,7 +648,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode, LaunchError> {
             let spec = r.vm.into_spec(r.hosts, r.stop_timeout, r.timeout)?;
             if host_flags && spec.network != NetMode::VirtualHosts {
                 return Err(LaunchError::Usage(
-                    "--host-image, --host-smp, --host-memory and --host-link need --virtual-hosts N".into(),
+                    "--host-image, --host-smp and --host-memory need --virtual-hosts N".into(),
+                ));
+            }
+            if link_flag && spec.network == NetMode::Loopback {
+                return Err(LaunchError::Usage(
+                    "--host-link needs --netns or --virtual-hosts N (loopback has no link to slow)"
+                        .into(),
                 ));
             }
             if print {

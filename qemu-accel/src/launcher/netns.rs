@@ -36,7 +36,8 @@ pub struct Netns {
 
 impl Netns {
     /// Create `nodes` namespaces; returns them and each node's IPv4 address.
-    pub fn create(nodes: u32) -> Result<(Netns, Vec<String>), LaunchError> {
+    /// `link`: `tc netem` arguments for the host end of every node's veth.
+    pub fn create(nodes: u32, link: Option<&str>) -> Result<(Netns, Vec<String>), LaunchError> {
         let pid = std::process::id();
         // Interface names are limited to 15 bytes: "fvl" + 5 digits + "h" + 3 digits.
         let tag = format!("fvl{}", pid % 100_000);
@@ -60,6 +61,11 @@ impl Netns {
                 "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns,
             ])?;
             ip(&["link", "set", &host_end, "master", &br, "up"])?;
+            if let Some(netem) = link {
+                let mut args = vec!["qdisc", "add", "dev", &host_end, "root", "netem"];
+                args.extend(netem.split_whitespace());
+                run_tool("tc", &args, "tc netem needs root and the sch_netem module")?;
+            }
             let a = format!("10.214.{subnet}.{}", k + 1);
             ip(&["-n", &ns, "addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;

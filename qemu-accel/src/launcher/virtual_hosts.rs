@@ -40,6 +40,11 @@ pub const SUBNET: &str = "10.77.0";
 /// The status line of a host VM's init.
 const EXIT_REPORT: &str = "FVHOST-EXIT ";
 
+/// The accelerator's peer timeout inside host VMs unless one is given: the
+/// host VMs run under TCG here (nested SVM), where a host VM's vCPUs stall
+/// for seconds, far longer than the 5 s that suit real hosts.
+pub const HOST_VM_PEER_TIMEOUT_MS: u64 = 30_000;
+
 /// How to build the host VMs (flags of `fragvisor run`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostVmOptions {

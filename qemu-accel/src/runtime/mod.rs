@@ -33,7 +33,7 @@ mod irq;
 mod lifecycle;
 mod summary;
 mod vm_state;
-mod wire;
+pub mod wire;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

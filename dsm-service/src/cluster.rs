@@ -26,6 +26,11 @@ pub struct ClusterConfig {
     pub max_frame: usize,
     /// What protects each link after the handshake (sealed by default).
     pub security: TransportSecurity,
+    /// What every node must agree on besides membership, as text: the
+    /// embedding application's part (QEMU: the vCPUs and their placement).
+    /// [`crate::DsmNode::start`] adds the guest RAM layout; two nodes whose
+    /// layouts differ refuse each other at the handshake, naming both.
+    pub layout: String,
 }
 
 /// A cluster description that cannot work.
@@ -79,6 +84,7 @@ impl ClusterConfig {
             connect_timeout: Duration::from_secs(30),
             max_frame: 4 << 20,
             security: TransportSecurity::Aead,
+            layout: String::new(),
         }
     }
 

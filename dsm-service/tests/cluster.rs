@@ -364,6 +364,9 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
         local: 1,
         nodes: 2,
         security: TransportSecurity::Aead,
+        // What `fragvisor-dsm node` joins with: its one region of the
+        // default 256 pages.
+        layout: "ram: ram 1 MiB".into(),
     };
     let e = handshake::dial(&mut connect(), KEY, &exp(77), 0)
         .unwrap_err()
@@ -398,6 +401,20 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
     );
     assert!(String::from_utf8_lossy(&rest[5..]).contains("node 1 is already connected"));
     let _ = CH_AUTH;
+    // The right key and node id, but another VM: refused naming both.
+    let other = Expect {
+        layout: "ram: ram 2 MiB".into(),
+        ..exp(1)
+    };
+    let e = handshake::dial(&mut connect(), KEY, &other, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "the nodes' VMs differ: node 1 has \"ram: ram 2 MiB\", node 0 has \"ram: ram 1 MiB\""
+        ),
+        "layout: {e}"
+    );
 
     // The cluster still runs its workload to a coherent end.
     let (o0, _) = c.wait(0, Duration::from_secs(120));

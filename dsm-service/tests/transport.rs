@@ -53,6 +53,7 @@ fn rogue_sealed(addr: SocketAddr, me: NodeId, nodes: usize, to: NodeId) -> (TcpS
         local: me,
         nodes,
         security: TransportSecurity::Aead,
+        layout: String::new(),
     };
     let session = handshake::dial(&mut s, KEY, &exp, to).unwrap();
     (s, session)

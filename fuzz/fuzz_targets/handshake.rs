@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
         local: 0,
         nodes: 3,
         security: TransportSecurity::Aead,
+        layout: "ram: pc.ram 128 MiB".into(),
     };
     let mut peer = Peer {
         said: data,

@@ -104,6 +104,9 @@ pub struct ClusterSpec {
     /// Appended to every node's `-accel` options (e.g.
     /// `,transport-security=auth-only`).
     pub accel_extra: String,
+    /// More QEMU arguments for the last node only (a node started unlike
+    /// the others).
+    pub last_node_args: Vec<String>,
 }
 
 impl ClusterSpec {
@@ -122,6 +125,7 @@ impl ClusterSpec {
             extra_args: Vec::new(),
             last_node_env: Vec::new(),
             accel_extra: String::new(),
+            last_node_args: Vec::new(),
         }
     }
 
@@ -138,6 +142,7 @@ impl ClusterSpec {
             extra_args: Vec::new(),
             last_node_env: Vec::new(),
             accel_extra: String::new(),
+            last_node_args: Vec::new(),
         }
     }
 
@@ -251,6 +256,7 @@ impl Cluster {
             cmd.args(&numa).args(&guest_args).args(&spec.extra_args);
             if k == spec.nodes - 1 {
                 cmd.envs(spec.last_node_env.iter().map(|(k, v)| (k, v)));
+                cmd.args(&spec.last_node_args);
             }
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::piped())

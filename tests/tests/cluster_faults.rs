@@ -134,6 +134,37 @@ fn frozen_node_is_named_and_does_not_run_on_when_resumed() {
     );
 }
 
+/// A node started with more guest RAM than the origin (`-m 256` against
+/// 128): both refuse each other at the join, naming both layouts, before a
+/// page moves; neither waits out the join timeout.
+#[test]
+fn node_with_another_vm_is_refused_at_join_naming_the_difference() {
+    let _one = serialize();
+    let spec = ClusterSpec {
+        last_node_args: vec!["-m".into(), "256".into()],
+        ..ClusterSpec::test_kernel("fragvisor-tcg", 2)
+    };
+    let t0 = Instant::now();
+    let results = Cluster::start(&spec).finish(Duration::from_secs(30));
+    let took = t0.elapsed();
+    let all = transcript(&results);
+    for r in &results {
+        assert!(r.status.is_some(), "node {} hung at the join\n{all}", r.id);
+        assert_ne!(r.code(), Some(0), "node {} ran\n{all}", r.id);
+        assert!(
+            r.stderr
+                .contains("the nodes' VMs differ: node 1 has \"ram: pc.ram 256 MiB")
+                && r.stderr.contains("node 0 has \"ram: pc.ram 128 MiB"),
+            "node {} does not name both layouts\n{all}",
+            r.id
+        );
+    }
+    eprintln!(
+        "mismatched RAM refused on both nodes in {:.1} s",
+        took.as_secs_f64()
+    );
+}
+
 /// `fragvisor run` of the initramfs guest on 2 nodes in network namespaces.
 fn netns_run(append: &str, extra: &[&str]) -> LauncherRun {
     let kernel = artifact_from_script("FRAGVISOR_GUEST_KERNEL", "guest-kernel/fetch-kernel.sh");

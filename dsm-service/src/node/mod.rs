@@ -225,6 +225,24 @@ pub(crate) struct NodeCore {
     page_faults: Option<FaultCounts>,
 }
 
+/// What a node joins with (checked against every peer at the handshake):
+/// each region's name and size, then the application's part.
+fn join_layout(regions: &[(&str, u64, u64)], app: &str) -> String {
+    let ram: Vec<String> = regions
+        .iter()
+        .map(|&(name, _, len)| match len {
+            l if l % (1 << 20) == 0 => format!("{name} {} MiB", l >> 20),
+            l => format!("{name} {l} B"),
+        })
+        .collect();
+    let mut s = format!("ram: {}", ram.join(", "));
+    if !app.is_empty() {
+        s.push_str("; ");
+        s.push_str(app);
+    }
+    s
+}
+
 impl DsmNode {
     /// Registers `regions` (`(name, host address, length)`, the same list on
     /// every node), joins the cluster, takes the origin's start-up state and
@@ -255,6 +273,9 @@ impl DsmNode {
         } else {
             Vec::new()
         };
+        let mut cfg = cfg.clone();
+        cfg.layout = join_layout(regions, &cfg.layout);
+        let cfg = &cfg;
         let _ = core.transport.set(connect(kind, cfg, core.clone())?);
         if origin {
             core.send_touched(&runs)?;

@@ -43,7 +43,11 @@ pub const CH_AUTH: u8 = 0xFE;
 /// Frame channel of a Reject (UTF-8 reason).
 pub const CH_REJECT: u8 = 0xFD;
 
-const HELLO_LEN: usize = 8 + 2 + 8 + 2 + 2 + 1 + 32;
+/// A Hello without its layout text.
+const HELLO_LEN: usize = 8 + 2 + 8 + 2 + 2 + 1 + 32 + 1;
+/// Longest layout text a Hello carries; a longer one is cut and ends with a
+/// digest of the whole, so that different layouts still differ.
+pub const MAX_LAYOUT: usize = 180;
 const MAC_LEN: usize = 32;
 
 /// The first message on a connection.
@@ -61,6 +65,9 @@ pub struct Hello {
     pub security: TransportSecurity,
     /// Fresh random bytes.
     pub nonce: [u8; 32],
+    /// What the sender's VM is ([`crate::ClusterConfig::layout`]), at most
+    /// [`MAX_LAYOUT`] bytes.
+    pub layout: String,
 }
 
 /// Why a handshake failed.
@@ -125,6 +132,18 @@ pub enum HandshakeError {
         /// Ours.
         ours: TransportSecurity,
     },
+    /// An authenticated peer runs another VM (RAM layout, vCPUs).
+    #[error("the nodes' VMs differ: node {theirs_id} has {theirs:?}, node {ours_id} has {ours:?}")]
+    Layout {
+        /// The peer.
+        theirs_id: NodeId,
+        /// The peer's layout.
+        theirs: String,
+        /// This node.
+        ours_id: NodeId,
+        /// Ours.
+        ours: String,
+    },
     /// The MAC did not verify.
     #[error("authentication failed: wrong cluster key")]
     BadKey,
@@ -143,7 +162,28 @@ impl Hello {
             nodes,
             security,
             nonce: random_nonce(),
+            layout: String::new(),
         }
+    }
+
+    /// This Hello carrying `layout` (cut to [`MAX_LAYOUT`] bytes, see there).
+    pub fn with_layout(mut self, layout: &str) -> Hello {
+        self.layout = if layout.len() <= MAX_LAYOUT {
+            layout.to_string()
+        } else {
+            let digest = ring::digest::digest(&ring::digest::SHA256, layout.as_bytes());
+            let hex: String = digest.as_ref()[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            // Room for "... #" and 16 hex digits.
+            let mut cut = MAX_LAYOUT - 21;
+            while !layout.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            format!("{}... #{hex}", &layout[..cut])
+        };
+        self
     }
 
     /// Wire form.
@@ -156,6 +196,8 @@ impl Hello {
         b.extend_from_slice(&self.nodes.to_le_bytes());
         b.push(self.security.wire());
         b.extend_from_slice(&self.nonce);
+        b.push(self.layout.len() as u8);
+        b.extend_from_slice(self.layout.as_bytes());
         b
     }
 
@@ -174,12 +216,17 @@ impl Hello {
         if version != PROTOCOL_VERSION {
             return Err(HandshakeError::Version { theirs: version });
         }
-        if b.len() != HELLO_LEN {
+        let want = HELLO_LEN + usize::from(b.get(HELLO_LEN - 1).copied().unwrap_or(0));
+        if b.len() < HELLO_LEN || b.len() != want {
             return Err(HandshakeError::Malformed(format!(
-                "hello of {} bytes, expected {HELLO_LEN}",
-                b.len()
+                "hello of {} bytes, expected {}",
+                b.len(),
+                want.max(HELLO_LEN)
             )));
         }
+        let layout = std::str::from_utf8(&b[HELLO_LEN..])
+            .map_err(|_| HandshakeError::Malformed("layout is not UTF-8".into()))?
+            .to_string();
         let security = TransportSecurity::from_wire(b[22]).ok_or_else(|| {
             HandshakeError::Malformed(format!("unknown transport security {:#x}", b[22]))
         })?;
@@ -192,6 +239,7 @@ impl Hello {
             nodes: u16::from_le_bytes([b[20], b[21]]),
             security,
             nonce,
+            layout,
         })
     }
 }
@@ -318,6 +366,8 @@ pub struct Expect {
     pub nodes: usize,
     /// What protects the links.
     pub security: TransportSecurity,
+    /// This node's VM ([`crate::ClusterConfig::layout`]).
+    pub layout: String,
 }
 
 impl Expect {
@@ -328,7 +378,21 @@ impl Expect {
             local: cfg.node_id,
             nodes: cfg.nodes(),
             security: cfg.security,
+            layout: cfg.layout.clone(),
         }
+    }
+
+    /// Checks that an authenticated peer runs the same VM.
+    fn check_layout(&self, mine: &Hello, h: &Hello) -> Result<(), HandshakeError> {
+        if h.layout != mine.layout {
+            return Err(HandshakeError::Layout {
+                theirs_id: h.node_id,
+                theirs: h.layout.clone(),
+                ours_id: mine.node_id,
+                ours: mine.layout.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Checks that a peer protects its links as this node does.
@@ -350,6 +414,7 @@ impl Expect {
             self.nodes as u16,
             self.security,
         )
+        .with_layout(&self.layout)
     }
 
     /// The link keys of an authenticated handshake, if the links are sealed.
@@ -465,6 +530,10 @@ pub fn dial(
         send_reject(s, "authentication failed: wrong cluster key");
         return Err(HandshakeError::BadKey);
     }
+    if let Err(e) = exp.check_layout(&mine, &theirs) {
+        send_reject(s, &e.to_string());
+        return Err(e);
+    }
     Ok(exp.keys(key, &mine, &theirs, true))
 }
 
@@ -496,6 +565,11 @@ pub fn accept(
         send_reject(s, "authentication failed: wrong cluster key");
         return Err(HandshakeError::BadKey);
     }
+    // Only an authenticated peer learns this node's layout.
+    if let Err(e) = exp.check_layout(&mine, &theirs) {
+        send_reject(s, &e.to_string());
+        return Err(e);
+    }
     write_frame(s, CH_AUTH, &auth_mac(key, &theirs, &mine, false))?;
     Ok(exp.keys(key, &theirs, &mine, false))
 }
@@ -511,6 +585,7 @@ mod tests {
             local,
             nodes: 3,
             security: TransportSecurity::Aead,
+            layout: String::new(),
         }
     }
 
@@ -618,6 +693,38 @@ mod tests {
             "{a:?}"
         );
         assert!(d.unwrap_err().to_string().contains("cluster id 0x7"));
+    }
+
+    #[test]
+    fn a_peer_with_another_vm_is_refused_naming_both_layouts() {
+        let mut e = exp(1);
+        e.layout = "ram: pc.ram 256 MiB; vcpus 2 on nodes 0,1".into();
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut ae = exp(0);
+            ae.layout = "ram: pc.ram 128 MiB; vcpus 2 on nodes 0,1".into();
+            accept(&mut b, b"k", &ae)
+        });
+        let d = dial(&mut a, b"k", &e, 0).unwrap_err().to_string();
+        let a = t.join().unwrap().unwrap_err().to_string();
+        assert_eq!(
+            a,
+            "the nodes' VMs differ: node 1 has \"ram: pc.ram 256 MiB; vcpus 2 on nodes 0,1\", \
+             node 0 has \"ram: pc.ram 128 MiB; vcpus 2 on nodes 0,1\""
+        );
+        assert_eq!(d, format!("refused by peer: {a}"));
+    }
+
+    #[test]
+    fn long_layouts_are_cut_but_still_differ() {
+        let long = "x".repeat(400);
+        let h = Hello::new(1, 1, 2, TransportSecurity::Aead).with_layout(&long);
+        assert!(h.layout.len() <= MAX_LAYOUT, "{}", h.layout.len());
+        let other = Hello::new(1, 1, 2, TransportSecurity::Aead).with_layout(&format!("{long}y"));
+        assert_ne!(h.layout, other.layout);
+        let back = Hello::decode(&h.encode()).unwrap();
+        assert_eq!(back, h);
+        assert!(h.encode().len() < MAX_HANDSHAKE_FRAME);
     }
 
     #[test]

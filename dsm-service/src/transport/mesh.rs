@@ -155,6 +155,8 @@ fn establish<S: MeshSide>(side: &Arc<S>, tag: &str) -> Result<(), TransportError
     while *up < n - 1 {
         let failure = if let Ok(e) = err_rx.try_recv() {
             Some(e)
+        } else if let Some(e) = side.peers().start_failure() {
+            Some(e)
         } else if Instant::now() >= deadline {
             Some(TransportError::ConnectTimeout {
                 secs: cfg.connect_timeout.as_secs(),
@@ -234,6 +236,13 @@ fn accept_one<S: MeshSide>(side: &Arc<S>, stream: TcpStream, from: SocketAddr) {
     let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
     if let Err(e) = side.accept_bootstrap(stream) {
         side.peers().refuse(from, &e.refusal_reason());
+        // A member with the key but another VM: the cluster cannot start.
+        if let BootstrapError::Handshake(HandshakeError::Layout { theirs_id, .. }) = e {
+            side.peers().fail_start(TransportError::Mismatch {
+                peer: theirs_id,
+                reason: e.refusal_reason(),
+            });
+        }
     }
 }
 

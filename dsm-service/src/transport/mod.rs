@@ -108,6 +108,14 @@ pub enum TransportError {
         /// Its reason.
         reason: String,
     },
+    /// An authenticated peer cannot join this cluster (it runs another VM).
+    #[error("node {peer} cannot join: {reason}")]
+    Mismatch {
+        /// The peer.
+        peer: NodeId,
+        /// Why.
+        reason: String,
+    },
     /// The handshake with a peer failed.
     #[error("handshake with node {peer} failed: {source}")]
     Handshake {

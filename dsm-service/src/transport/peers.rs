@@ -105,6 +105,9 @@ pub(crate) struct Peers<L> {
     up_cv: Condvar,
     /// Connections refused since start (strangers, bad frames, wrong keys).
     refused: AtomicU64,
+    /// Why start-up cannot succeed, found by the acceptor: an authenticated
+    /// member that runs another VM.
+    fatal: Mutex<Option<TransportError>>,
     /// Bytes sent on all links, headers included.
     pub(crate) bytes_sent: AtomicU64,
     /// Bytes received on all links, headers included.
@@ -122,6 +125,7 @@ impl<L: PeerLink> Peers<L> {
             up: Mutex::new(0),
             up_cv: Condvar::new(),
             refused: AtomicU64::new(0),
+            fatal: Mutex::new(None),
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
         }
@@ -242,6 +246,18 @@ impl<L: PeerLink> Peers<L> {
         self.refused.fetch_add(1, Ordering::Relaxed);
         let node = self.me();
         warn!(node, %from, "refused connection from {from}: {why}");
+    }
+
+    /// Start-up fails with `e` (the first such error is kept) and the
+    /// start-up wait wakes.
+    pub(crate) fn fail_start(&self, e: TransportError) {
+        self.fatal.lock().expect("lock").get_or_insert(e);
+        self.up_cv.notify_all();
+    }
+
+    /// Why start-up failed, if the acceptor found out.
+    pub(crate) fn start_failure(&self) -> Option<TransportError> {
+        self.fatal.lock().expect("lock").take()
     }
 
     /// Connections refused so far.

@@ -244,7 +244,7 @@ impl Runtime {
         if let Some(w) = config.dsm.security.start_warning() {
             tracing::warn!(node = config.dsm.node_id, "{w}");
         }
-        let node = Self::join_dsm(config, regions, homes, on_page_change)?;
+        let node = Self::join_dsm(config, &placement, regions, homes, on_page_change)?;
         let events = node
             .take_events()
             .ok_or_else(|| RuntimeError::Dsm("the DSM's events were already taken".into()))?;
@@ -263,6 +263,7 @@ impl Runtime {
     /// Starts this host's DSM node over guest RAM.
     fn join_dsm(
         config: &RuntimeConfig,
+        placement: &VcpuPlacement,
         regions: &[(&str, u64, u64)],
         homes: dsm_service::home::HomeMap,
         on_page_change: Option<PageChangeHook>,
@@ -274,7 +275,14 @@ impl Runtime {
             count_page_faults: config.hot_pages > 0,
             ..DsmOptions::default()
         };
-        DsmNode::start(&config.dsm, regions, opts)
+        // Every host must run the same VM: the DSM checks the RAM layout and
+        // this, the vCPUs and where each runs, at the handshake.
+        let mut dsm = config.dsm.clone();
+        let owners: Vec<String> = (0..placement.vcpus())
+            .map(|c| placement.owner(c).map_or("?".into(), |n| n.to_string()))
+            .collect();
+        dsm.layout = format!("vcpus {} on nodes {}", placement.vcpus(), owners.join(","));
+        DsmNode::start(&dsm, regions, opts)
             .map(Arc::new)
             .map_err(|e| RuntimeError::Dsm(error_chain(&e)))
     }

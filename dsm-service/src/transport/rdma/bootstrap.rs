@@ -331,6 +331,7 @@ mod tests {
             local,
             nodes: 2,
             security: crate::TransportSecurity::AuthOnly,
+            layout: String::new(),
         }
     }
 

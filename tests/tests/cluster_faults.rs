@@ -26,7 +26,7 @@ use fragvisor_e2e::launcher_run::LauncherRun;
 use fragvisor_e2e::qemu_cluster::{serialize, transcript, Cluster, ClusterSpec, NodeResult};
 
 /// A workload that keeps every vCPU busy until the VM is stopped.
-const FOREVER: &str = "fv.workload=counter fv.iters=1000000000";
+const FOREVER: &str = "fv.workload=counter fv.iters=1000000000000";
 const STARTED: &str = "FV: workload counter start";
 /// Detection must come within this, on a 2-core machine under TCG.
 const NAMED_WITHIN: Duration = Duration::from_secs(10);
@@ -411,10 +411,12 @@ fn loaded_host_raises_no_false_alarm_in_two_minutes() {
             at.as_secs_f64()
         );
     }
+    // Stopping the run kills the nodes one after the other, so the last
+    // may report the first as lost; a false alarm is a silence.
     for r in &results {
         assert!(
-            !r.stderr.contains("failed"),
-            "node {} reported a failure under load\n{all}",
+            !r.stderr.contains("no message or heartbeat"),
+            "node {} declared a peer silent under load\n{all}",
             r.id
         );
     }

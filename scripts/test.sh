@@ -23,7 +23,7 @@ cargo clippy -p dsm-service --features rdma --all-targets -- -D warnings
 cargo test --release -p dsm-service --features rdma rdma
 
 step "fuzz targets: a short smoke run each (scripts/fuzz.sh for long runs)"
-scripts/fuzz.sh 10
+scripts/fuzz.sh 5
 
 step "patched QEMU: fetch, patch, build (cached), end-to-end tests"
 scripts/qemu/e2e.sh --no-fail-fast

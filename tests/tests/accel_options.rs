@@ -125,3 +125,15 @@ fn tcg_engine_refuses_single_threaded_tcg() {
         "fragvisor-tcg: needs multi-threaded TCG",
     );
 }
+
+#[test]
+fn unknown_transport_security_is_refused() {
+    for e in ENGINES {
+        assert_refused(
+            &format!(
+                "{e},nodes=2,peers=127.0.0.1:7000;127.0.0.1:7001,key={KEY},transport-security=tls"
+            ),
+            "transport-security=tls: expected aead or auth-only",
+        );
+    }
+}

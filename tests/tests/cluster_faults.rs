@@ -322,7 +322,7 @@ impl Shaper {
 #[test]
 fn slow_lossy_link_boots_and_counts_exactly() {
     let _one = serialize();
-    let iters = 2_000;
+    let iters = 1_000;
     let mut run = netns_run(
         &format!("fv.workload=counter fv.iters={iters} fv.pause=5"),
         &[],

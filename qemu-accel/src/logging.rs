@@ -9,8 +9,40 @@ use tracing_subscriber::EnvFilter;
 /// The filter when none is given.
 pub const DEFAULT_FILTER: &str = "warn";
 
-/// Checks a filter (`warn`, `info`, `dsm_service=debug,qemu_accel=info`).
+/// Longest filter accepted.
+const MAX_FILTER: usize = 1024;
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a filter (`warn`, `info`, `dsm_service=debug,qemu_accel=info`):
+/// comma-separated `LEVEL`, `TARGET` or `TARGET=LEVEL` directives only.
+/// `tracing`'s span and field filters (`[span{field=value}]`) are refused:
+/// their values compile to regular expressions, and a crafted one took
+/// `EnvFilter` more than 10 s to build (found by the `accel_options` fuzz
+/// target).
 pub fn check_filter(filter: &str) -> Result<(), String> {
+    if filter.len() > MAX_FILTER {
+        return Err(format!("longer than {MAX_FILTER} bytes"));
+    }
+    let target_ok = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 128
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-'))
+    };
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level_ok = |l: &str| LEVELS.contains(&l.to_ascii_lowercase().as_str());
+        let ok = match d.split_once('=') {
+            Some((target, level)) => target_ok(target) && level_ok(level),
+            None => level_ok(d) || target_ok(d),
+        };
+        if !ok {
+            return Err(format!(
+                "directive {d:?} is not LEVEL, TARGET or TARGET=LEVEL (levels: {}; \
+                 span and field filters are not accepted)",
+                LEVELS.join(", ")
+            ));
+        }
+    }
     EnvFilter::try_new(filter)
         .map(drop)
         .map_err(|e| e.to_string())
@@ -19,8 +51,10 @@ pub fn check_filter(filter: &str) -> Result<(), String> {
 /// Installs the process-wide subscriber with `filter` (the default when
 /// `None`), unless one is installed already (the launcher's, a test's).
 pub fn install(filter: Option<&str>) {
-    let filter = EnvFilter::try_new(filter.unwrap_or(DEFAULT_FILTER))
-        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = filter
+        .filter(|f| check_filter(f).is_ok())
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -38,5 +72,22 @@ mod tests {
         assert!(check_filter("dsm_service=debug,qemu_accel=info").is_ok());
         assert!(check_filter(DEFAULT_FILTER).is_ok());
         assert!(check_filter("dsm_service=loud").is_err());
+        assert!(check_filter("dsm_service::transport=DEBUG, info").is_ok());
+    }
+
+    #[test]
+    fn span_and_field_filters_are_refused_at_once() {
+        // The shape of the fuzz target's slow input: nested field filters
+        // whose values compile to regular expressions.
+        let slow = format!(
+            "log[r00{{5h.eers{{u[r00{{5h.eers{{500{{5h.eers={}}}]}}]}}",
+            ".".repeat(80)
+        );
+        let t = std::time::Instant::now();
+        let e = check_filter(&slow).unwrap_err();
+        assert!(e.contains("span and field filters are not accepted"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_millis(100));
+        assert!(check_filter("[span{x=1}]=debug").is_err());
+        assert!(check_filter(&"a".repeat(2000)).is_err());
     }
 }

@@ -133,16 +133,10 @@ impl ClusterSpec {
     pub fn test_kernel(engine: &'static str, nodes: usize) -> ClusterSpec {
         ClusterSpec {
             engine,
-            nodes,
             smp: nodes,
             mem_mib: 128,
             guest: Guest::TestKernel(String::new()),
-            no_reboot: true,
-            vcpu_map: None,
-            extra_args: Vec::new(),
-            last_node_env: Vec::new(),
-            accel_extra: String::new(),
-            last_node_args: Vec::new(),
+            ..ClusterSpec::linux(nodes, "")
         }
     }
 

@@ -23,6 +23,16 @@ pub fn check_filter(filter: &str) -> Result<(), String> {
     if filter.len() > MAX_FILTER {
         return Err(format!("longer than {MAX_FILTER} bytes"));
     }
+    // `EnvFilter` panics on some non-ASCII input (a U+2028 next to a
+    // directive: found by the `accel_options` fuzz target).
+    if let Some(c) = filter
+        .chars()
+        .find(|c| !(c.is_ascii_graphic() || *c == ' '))
+    {
+        return Err(format!(
+            "character {c:?} is not allowed (ASCII letters, digits, '_', ':', '-', '=', ',' and spaces)"
+        ));
+    }
     let target_ok = |t: &str| {
         !t.is_empty()
             && t.len() <= 128
@@ -89,5 +99,14 @@ mod tests {
         assert!(t.elapsed() < std::time::Duration::from_millis(100));
         assert!(check_filter("[span{x=1}]=debug").is_err());
         assert!(check_filter(&"a".repeat(2000)).is_err());
+    }
+
+    #[test]
+    fn non_ascii_filters_are_refused_before_envfilter_sees_them() {
+        // EnvFilter panics on this (tracing-subscriber 0.3.23).
+        let e = check_filter("warn,\u{2028}info").unwrap_err();
+        assert!(e.starts_with("character '\\u{2028}' is not allowed"), "{e}");
+        assert!(check_filter("d\u{e9}bug").is_err());
+        assert!(check_filter("warn\t").is_err());
     }
 }

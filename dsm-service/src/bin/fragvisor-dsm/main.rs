@@ -105,8 +105,13 @@ pub struct NodeArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FRAGVISOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            // Plain ASCII only: EnvFilter panics on some other input
+            // (found by fuzzing the accelerator's `log=`).
+            std::env::var("FRAGVISOR_LOG")
+                .ok()
+                .filter(|f| f.chars().all(|c| c.is_ascii_graphic() || c == ' '))
+                .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+                .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();

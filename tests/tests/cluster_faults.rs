@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use fragvisor_e2e::artifact_from_script;
 use fragvisor_e2e::launcher_run::LauncherRun;
-use fragvisor_e2e::qemu_cluster::{serialize, transcript, Cluster, ClusterSpec, NodeResult};
+use fragvisor_e2e::qemu_cluster::{
+    linux_append, serialize, transcript, Cluster, ClusterSpec, NodeResult,
+};
 
 /// A workload that keeps every vCPU busy until the VM is stopped.
 const FOREVER: &str = "fv.workload=counter fv.iters=1000000000000";
@@ -165,6 +167,19 @@ fn node_with_another_vm_is_refused_at_join_naming_the_difference() {
     );
 }
 
+/// Runs `cmd` (`what` names it) and panics with its stderr unless it
+/// succeeds.
+fn must_run(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `fragvisor run` of the initramfs guest on 2 nodes in network namespaces.
 fn netns_run(append: &str, extra: &[&str]) -> LauncherRun {
     let kernel = artifact_from_script("FRAGVISOR_GUEST_KERNEL", "guest-kernel/fetch-kernel.sh");
@@ -189,9 +204,7 @@ fn netns_run(append: &str, extra: &[&str]) -> LauncherRun {
     args.push("--initrd".into());
     args.push(initrd.display().to_string());
     args.push("--append".into());
-    args.push(format!(
-        "console=ttyS0 clocksource=tsc tsc=reliable panic=-1 {append}"
-    ));
+    args.push(linux_append(append));
     args.extend(extra.iter().map(|s| s.to_string()));
     LauncherRun::start(&args)
 }
@@ -210,14 +223,9 @@ fn partition_stops_both_sides_each_naming_the_other() {
     thread::sleep(Duration::from_secs(2));
     // The launcher names node K's host end of its veth fvl<pid % 100000>hK.
     let veth = format!("fvl{}h1", run.pid() % 100_000);
-    let out = Command::new("ip")
-        .args(["link", "set", &veth, "down"])
-        .output()
-        .expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip link set {veth} down: {}",
-        String::from_utf8_lossy(&out.stderr)
+    must_run(
+        Command::new("ip").args(["link", "set", &veth, "down"]),
+        &format!("ip link set {veth} down"),
     );
     let cut = Instant::now();
     let both = run.wait_count("failed: no message or heartbeat", 2, NAMED_WITHIN);
@@ -275,17 +283,20 @@ impl Shaper {
         let mut line = String::new();
         std::io::BufRead::read_line(&mut out, &mut line).expect("read the shaper");
         assert_eq!(line.trim(), "fv-link-shaper: ready", "the shaper in {ns}");
-        let rule = Command::new("ip")
-            .args([
-                "netns", "exec", ns, "iptables", "-A", "OUTPUT", "-o", "eth0",
-            ])
-            .args(["-p", "tcp", "-j", "NFQUEUE", "--queue-num", "0"])
-            .output()
-            .expect("iptables must be installed (scripts/qemu/e2e.sh installs it)");
-        assert!(
-            rule.status.success(),
-            "iptables in {ns}: {}",
-            String::from_utf8_lossy(&rule.stderr)
+        must_run(
+            Command::new("ip")
+                .args(["netns", "exec", ns, "iptables", "-A", "OUTPUT"])
+                .args([
+                    "-o",
+                    "eth0",
+                    "-p",
+                    "tcp",
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    "0",
+                ]),
+            &format!("iptables in {ns} (scripts/qemu/e2e.sh installs it)"),
         );
         Shaper { child, out }
     }

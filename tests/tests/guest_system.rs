@@ -11,22 +11,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fragvisor_e2e::launcher_run::{env_path, launcher, Finished, LauncherRun};
 use fragvisor_e2e::qemu_binary;
+// Each VM takes both cores: one at a time.
+use fragvisor_e2e::qemu_cluster::serialize;
 
 /// The console line the image's fragvisor-ready.service prints.
 const READY: &str = "fragvisor-guest: multi-user.target reached";
 /// What the guest kernel prints when a CPU is stuck.
 const SOFT_LOCKUP: &str = "watchdog: BUG: soft lockup";
-
-/// Each VM takes both cores: one at a time.
-fn serialize() -> MutexGuard<'static, ()> {
-    static ONE: Mutex<()> = Mutex::new(());
-    ONE.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn scratch(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);

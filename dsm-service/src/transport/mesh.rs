@@ -235,12 +235,13 @@ fn accept_one<S: MeshSide>(side: &Arc<S>, stream: TcpStream, from: SocketAddr) {
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
     if let Err(e) = side.accept_bootstrap(stream) {
-        side.peers().refuse(from, &e.refusal_reason());
+        let reason = e.refusal_reason();
+        side.peers().refuse(from, &reason);
         // A member with the key but another VM: the cluster cannot start.
         if let BootstrapError::Handshake(HandshakeError::Layout { theirs_id, .. }) = e {
             side.peers().fail_start(TransportError::Mismatch {
                 peer: theirs_id,
-                reason: e.refusal_reason(),
+                reason,
             });
         }
     }

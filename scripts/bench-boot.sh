@@ -52,7 +52,7 @@ else
     trap 'rm -rf "$WORK"' EXIT
 fi
 
-APPEND="console=ttyS0 clocksource=tsc tsc=reliable panic=-1 fv.workload=$WORKLOAD"
+APPEND="console=ttyS0 clocksource=tsc tsc=reliable panic=-1 nokaslr ${FV_BENCH_APPEND:-}fv.workload=$WORKLOAD"
 fv_log "qemu:   $QEMU"
 fv_log "kernel: $KERNEL"
 fv_log "initrd: $INITRD"

@@ -85,7 +85,8 @@ pub struct Stats {
     pub write_faults: AtomicU64,
     /// Write faults on Shared pages (upgrades).
     pub upgrades: AtomicU64,
-    /// Faults resolved with no network message.
+    /// Faults on pages homed on this node: their requests need no message,
+    /// though the home may still fetch or invalidate elsewhere.
     pub local_faults: AtomicU64,
     /// Pages fetched ahead of a fault.
     pub prefetched: AtomicU64,

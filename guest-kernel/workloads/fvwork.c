@@ -18,6 +18,12 @@
  *                                    cross hosts when the CPUs are on different ones (the
  *                                    link-security test looks for the text on the wire);
  *                                    prints "FV: marker ... ok|BAD"
+ *   fvwork pinrun CPULIST CMD ARGS... run CMD; every thread and child process it
+ *                                    creates is pinned, as it appears, to the next
+ *                                    CPU of CPULIST in turn (the first task itself
+ *                                    is not: it is the program's coordinator);
+ *                                    prints "FV: pinrun tasks=N elapsed_ms=T rc=R"
+ *                                    and exits with CMD's status (bench-scale.sh)
  *
  * Exit status 0 on success, 1 on a wrong result, 2 on usage/system errors.
  * Built with: gcc -O2 -static -pthread -o fvwork fvwork.c
@@ -30,7 +36,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <signal.h>
 #include <sys/io.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CKSUM_WORDS ((2u << 20) / 8u) /* 2 MiB of uint64_t */
@@ -378,6 +388,118 @@ static int cmd_cmos(int argc, char **argv)
     return 2;
 }
 
+/* ---------------- pinrun ---------------- */
+
+#define PIN_MAX 4096
+
+/* The parent pid of process `pid`, or -1. */
+static int ppid_of(int pid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the name may hold spaces */
+    int ppid;
+    if (!p || sscanf(p + 1, " %*c %d", &ppid) != 1)
+        return -1;
+    return ppid;
+}
+
+static int in_tree(int pid, int root)
+{
+    for (int depth = 0; depth < 16 && pid > 1; depth++) {
+        if (pid == root)
+            return 1;
+        pid = ppid_of(pid);
+    }
+    return 0;
+}
+
+static int seen[PIN_MAX], nseen;
+
+static int was_seen(int tid)
+{
+    for (int i = 0; i < nseen; i++)
+        if (seen[i] == tid)
+            return 1;
+    return 0;
+}
+
+/* Pin every task of the tree rooted at `root` not seen before. */
+static void pin_new_tasks(int root, const int *cpus, int ncpu)
+{
+    DIR *proc = opendir("/proc");
+    struct dirent *p;
+    if (!proc)
+        return;
+    while ((p = readdir(proc))) {
+        int pid = atoi(p->d_name);
+        if (pid <= 0 || !in_tree(pid, root))
+            continue;
+        char path[64];
+        snprintf(path, sizeof(path), "/proc/%d/task", pid);
+        DIR *tasks = opendir(path);
+        struct dirent *t;
+        if (!tasks)
+            continue;
+        while ((t = readdir(tasks))) {
+            int tid = atoi(t->d_name);
+            if (tid <= 0 || tid == root || was_seen(tid) || nseen >= PIN_MAX)
+                continue;
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            CPU_SET(cpus[nseen % ncpu], &set);
+            seen[nseen++] = tid;
+            sched_setaffinity(tid, sizeof(set), &set);
+        }
+        closedir(tasks);
+    }
+    closedir(proc);
+}
+
+static int cmd_pinrun(int argc, char **argv)
+{
+    int cpus[1024], ncpu;
+    if (argc < 4 || (ncpu = parse_cpulist(argv[2], cpus, 1024)) <= 0) {
+        fprintf(stderr, "usage: fvwork pinrun CPULIST CMD [ARGS...]\n");
+        return 2;
+    }
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    pid_t child = fork();
+    if (child < 0) {
+        printf("FV: error: fork: %s\n", strerror(errno));
+        return 2;
+    }
+    if (child == 0) {
+        execvp(argv[3], argv + 3);
+        printf("FV: error: cannot run %s: %s\n", argv[3], strerror(errno));
+        _exit(127);
+    }
+    int status = 0;
+    for (;;) {
+        pin_new_tasks(child, cpus, ncpu);
+        pid_t w = waitpid(child, &status, WNOHANG);
+        if (w == child)
+            break;
+        if (w < 0) {
+            printf("FV: error: waitpid: %s\n", strerror(errno));
+            return 2;
+        }
+        usleep(2000);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    long ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+    int rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    printf("FV: pinrun tasks=%d elapsed_ms=%ld rc=%d\n", nseen, ms, rc);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -393,7 +515,9 @@ int main(int argc, char **argv)
         return cmd_cmos(argc, argv);
     if (!strcmp(argv[1], "marker"))
         return cmd_marker(argc, argv);
+    if (!strcmp(argv[1], "pinrun"))
+        return cmd_pinrun(argc, argv);
 usage:
-    fprintf(stderr, "usage: fvwork cksum [CPU] | counter CPULIST K | tscskew CPULIST ROUNDS | cmos get|set IDX [V] | marker SEED WCPU RCPU ROUNDS\n");
+    fprintf(stderr, "usage: fvwork cksum [CPU] | counter CPULIST K | tscskew CPULIST ROUNDS | cmos get|set IDX [V] | marker SEED WCPU RCPU ROUNDS | pinrun CPULIST CMD...\n");
     return 2;
 }

@@ -173,6 +173,18 @@ impl VcpuPlacement {
     }
 }
 
+/// Ascending CPU indices as inclusive ranges: `1, 2, 3, 5` → `(1, 3), (5, 5)`.
+pub fn cpu_ranges(cpus: impl IntoIterator<Item = u32>) -> Vec<(u32, u32)> {
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for c in cpus {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == c => *end = c,
+            _ => ranges.push((c, c)),
+        }
+    }
+    ranges
+}
+
 /// The host that is home for the memory of guest NUMA node `numa_node` in a
 /// cluster of `nodes`: one guest NUMA node per host, node `g` on host `g`;
 /// memory of a NUMA node beyond the cluster, or of no NUMA node, is homed

@@ -69,7 +69,7 @@ fn two_node_tcg_exact_args() {
             "-initrd",
             "/g/initrd.gz",
             "-append",
-            "console=ttyS0 fv.workload=idle",
+            "console=ttyS0 fv.workload=idle nohz_full=2-3",
         ])
     };
     let mut want0 = args(&[
@@ -88,6 +88,75 @@ fn two_node_tcg_exact_args() {
     want1.extend(machine_tail("null"));
     assert_eq!(node_args(&spec, 0, &addrs).unwrap(), want0);
     assert_eq!(node_args(&spec, 1, &addrs).unwrap(), want1);
+}
+
+/// The -append value node `node` of `spec` gets.
+fn append_of(spec: &VmSpec) -> String {
+    let addrs = ClusterAddrs::new(
+        spec,
+        &loopback(&[7400, 7401, 7402, 7403][..spec.nodes as usize]),
+        None,
+    );
+    let a = node_args(spec, 0, &addrs).unwrap();
+    let i = a.iter().position(|x| x == "-append").expect("-append");
+    a[i + 1].clone()
+}
+
+#[test]
+fn the_guest_keeps_its_housekeeping_on_the_origin_unless_told_otherwise() {
+    let spec = |o: Overrides| {
+        VmSpec::resolve(
+            FileConfig::default(),
+            Overrides {
+                engine: Some(Engine::Tcg),
+                smp: Some(4),
+                kernel: Some("/g/vmlinuz".into()),
+                append: o.append.clone().or(Some("console=ttyS0".into())),
+                ..o
+            },
+        )
+        .unwrap()
+    };
+    let two = |o: Overrides| {
+        spec(Overrides {
+            nodes: Some(2),
+            ..o
+        })
+    };
+    assert_eq!(
+        append_of(&two(Overrides::default())),
+        "console=ttyS0 nohz_full=2-3"
+    );
+    // Every vCPU not on the origin, wherever the map puts it.
+    let mapped = two(Overrides {
+        vcpu_map: Some(vec![0, 1, 0, 1]),
+        ..Overrides::default()
+    });
+    assert_eq!(append_of(&mapped), "console=ttyS0 nohz_full=1,3");
+    let four = spec(Overrides {
+        nodes: Some(4),
+        ..Overrides::default()
+    });
+    assert_eq!(append_of(&four), "console=ttyS0 nohz_full=1-3");
+    // One node has nothing to spread; --no-guest-tuning and a user's own
+    // choice leave the line alone.
+    let one = spec(Overrides {
+        nodes: Some(1),
+        ..Overrides::default()
+    });
+    assert_eq!(append_of(&one), "console=ttyS0");
+    let off = two(Overrides {
+        guest_tuning: Some(false),
+        ..Overrides::default()
+    });
+    assert_eq!(append_of(&off), "console=ttyS0");
+    for own in ["nohz_full=3", "nohz=off", "isolcpus=2", "rcu_nocbs=1-3"] {
+        let s = two(Overrides {
+            append: Some(format!("console=ttyS0 {own}")),
+            ..Overrides::default()
+        });
+        assert_eq!(append_of(&s), format!("console=ttyS0 {own}"));
+    }
 }
 
 #[test]
@@ -298,7 +367,7 @@ fn cluster_script_has_one_command_per_host() {
     assert!(commands[1].contains("-serial null"));
     assert!(text.contains("# node 0 (origin) on node-a"));
     assert!(text.contains("scp -p /etc/fragvisor/cluster.key node-b:/etc/fragvisor/cluster.key"));
-    assert!(text.contains("-append 'console=ttyS0 fv.workload=idle'"));
+    assert!(text.contains("-append 'console=ttyS0 fv.workload=idle nohz_full=2-3'"));
 }
 
 #[test]

@@ -298,6 +298,35 @@ fn sigterm_is_forwarded_to_every_node() {
 }
 
 #[test]
+fn host_cpus_confine_each_node() {
+    let cpus = |r: &Run, k: u32| -> String {
+        let tag = format!("[node {k}] fake node {k}: cpus=");
+        let line = r.stderr.lines().find(|l| l.starts_with(&tag));
+        line.map(|l| l[tag.len()..].to_string())
+            .unwrap_or_else(|| panic!("no cpus line for node {k}\n{}", r.show()))
+    };
+    let r = run(2, "", &["--host-cpus", "0"]);
+    assert_eq!(r.code, 0, "{}", r.show());
+    assert_eq!((cpus(&r, 0), cpus(&r, 1)), ("0".into(), "0".into()));
+    let last = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    if last > 0 {
+        let r = run(2, "", &["--host-cpus", &format!("0/{last}")]);
+        assert_eq!(r.code, 0, "{}", r.show());
+        assert_eq!((cpus(&r, 0), cpus(&r, 1)), ("0".into(), last.to_string()));
+    }
+    let r = run(2, "", &["--host-cpus", "0/1/0"]);
+    assert_eq!(r.code, 2, "{}", r.show());
+    assert!(
+        r.stderr.contains("host-cpus=0/1/0: 3 lists for 2 nodes"),
+        "{}",
+        r.show()
+    );
+    let r = run(2, "", &["--host-cpus", "4096"]);
+    assert_ne!(r.code, 0, "{}", r.show());
+    assert!(r.stderr.contains("host-cpus=4096"), "{}", r.show());
+}
+
+#[test]
 fn one_network_namespace_per_node() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

@@ -180,6 +180,37 @@ impl HomeDirectory {
         claimed
     }
 
+    /// Zero-run fast path: claims for this home itself the pages of
+    /// `pages`, in order, while each is idle, unowned and `free` here — each
+    /// decided and busy exactly as a write request of this home would be
+    /// (owner: this home, data: a zero page). Returns how many it claimed
+    /// (it stops at the first page that does not qualify). The caller
+    /// installs them and ends each transaction with [`Self::done`].
+    pub fn claim_zero_run(
+        &self,
+        pages: impl Iterator<Item = u64>,
+        free: impl Fn(u64) -> bool,
+    ) -> u64 {
+        let mut claimed = 0;
+        for page in pages {
+            let ok = self.with_entry(page, |e| {
+                // `free` takes the page's local lock inside the directory
+                // lock: the one order allowed.
+                if !e.idle() || e.dir.owner.is_some() || e.dir.sharers != 0 || !free(page) {
+                    return false;
+                }
+                let t = self.start(page, e, self.me, Access::Write);
+                debug_assert_eq!(t.plan.data, DataSource::Zero);
+                true
+            });
+            if !ok {
+                break;
+            }
+            claimed += 1;
+        }
+        claimed
+    }
+
     /// The busy pages and their queues, for diagnostics.
     pub fn dump(&self, out: &mut String) {
         use std::fmt::Write;

@@ -243,7 +243,7 @@ impl NodeCore {
     /// Carries out a transaction the directory started: invalidations, the
     /// data (from this home inline, or a `Fetch` to the supplier) and the
     /// grant.
-    fn carry_out(&self, t: Transaction, out: &mut Outbox<'_>) -> Result<(), String> {
+    pub(super) fn carry_out(&self, t: Transaction, out: &mut Outbox<'_>) -> Result<(), String> {
         let Transaction {
             page,
             requester: r,

@@ -158,6 +158,11 @@ impl NodeCore {
             }
         }
         self.request(page, write, false, out);
+        if self.zero_run > 1 && self.homes.home(page) == self.me {
+            if let Err(e) = self.zero_run_around(page, out) {
+                self.fatal(format!("zero run around page {page} failed: {e}"));
+            }
+        }
         if !write && self.prefetch_max > 0 {
             let batch = self
                 .stream
@@ -168,6 +173,64 @@ impl NodeCore {
                 self.request_batch(page, start, window, out);
             }
         }
+    }
+
+    /// The zero run: a fault on a page homed here also takes the pages
+    /// around it, in its aligned block of the zero run's length, that are
+    /// homed here, unowned, and neither held nor awaited by this node — as
+    /// if this home had write-faulted each — with one `UFFDIO_COPY` of zeros
+    /// for the run after the page and one for the run before it. A guest
+    /// touches the fresh memory of its own NUMA node in runs (up or down:
+    /// the page allocator hands out high pages first); each page would
+    /// otherwise cost one fault event.
+    fn zero_run_around(&self, page: u64, out: &mut Outbox<'_>) -> Result<(), String> {
+        let block = page - page % self.zero_run;
+        let end = (block + self.zero_run).min(self.space.pages());
+        let free = |q: u64| {
+            if !self.space.same_region(page, q) || self.homes.home(q) != self.me {
+                return false;
+            }
+            let (sh, i) = self.pages.lock(q);
+            sh.state[i] == LocalState::Invalid && !sh.pending.contains_key(&q)
+        };
+        let after = self.dir.claim_zero_run(page + 1..end, free);
+        self.install_zeros(page + 1, after, out)?;
+        let before = self.dir.claim_zero_run((block..page).rev(), free);
+        self.install_zeros(page - before, before, out)
+    }
+
+    /// Installs the `count` pages from `first` that [`Self::zero_run_around`]
+    /// claimed, Exclusive and zero, and ends their transactions.
+    fn install_zeros(&self, first: u64, count: u64, out: &mut Outbox<'_>) -> Result<(), String> {
+        static ZEROS: [u8; super::MAX_ZERO_RUN as usize * PAGE_SIZE] =
+            [0; super::MAX_ZERO_RUN as usize * PAGE_SIZE];
+        if count == 0 {
+            return Ok(());
+        }
+        let addr = self.space.addr_of(first);
+        let len = count as usize * PAGE_SIZE;
+        // SAFETY: the run lies in one registered region (each claimed page
+        // is checked to be in the faulting page's region) and none of it is
+        // present: each page is Invalid here and claimed busy, so nothing
+        // installs it meanwhile.
+        match unsafe { self.uffd.copy(addr, &ZEROS[..len], false) } {
+            Ok(crate::uffd::CopyOutcome::Copied) => {}
+            Ok(crate::uffd::CopyOutcome::AlreadyPresent) => {
+                return Err(format!("pages {first}.. were present while Invalid"));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        self.page_changed(addr, len as u64);
+        for q in first..first + count {
+            self.pages.set_state(q, LocalState::Exclusive);
+            Stats::bump(&self.stats.prefetched);
+            // A request queued behind the claim (a remote node touched the
+            // page meanwhile) starts now.
+            if let Some(t) = self.dir.done(q, self.me).map_err(|e| e.to_string())? {
+                self.carry_out(t, out)?;
+            }
+        }
+        Ok(())
     }
 
     /// A prefetched page landed: the stream may ask for its next batch.

@@ -80,6 +80,12 @@ pub enum TransportKind {
     Rdma,
 }
 
+/// Default [`DsmOptions::zero_run`]: 16 pages (64 KiB).
+pub const DEFAULT_ZERO_RUN: u32 = 16;
+
+/// The largest [`DsmOptions::zero_run`].
+pub const MAX_ZERO_RUN: u32 = 64;
+
 /// Options of a node beyond cluster membership.
 #[derive(Clone)]
 pub struct DsmOptions {
@@ -87,6 +93,9 @@ pub struct DsmOptions {
     pub homes: HomeMap,
     /// Most pages fetched ahead on a sequential read stream (0: no prefetch).
     pub prefetch_max: u32,
+    /// Most pages a first touch of an unowned page homed here takes at once
+    /// (the zero run; 1: none but the faulting page). See PROTOCOL.md.
+    pub zero_run: u32,
     /// See [`PageChangeHook`].
     pub on_page_change: Option<PageChangeHook>,
     /// The transport.
@@ -101,6 +110,7 @@ impl Default for DsmOptions {
         DsmOptions {
             homes: HomeMap::all_on(0),
             prefetch_max: 64,
+            zero_run: DEFAULT_ZERO_RUN,
             on_page_change: None,
             transport: TransportKind::Tcp,
             count_page_faults: false,
@@ -113,6 +123,7 @@ impl std::fmt::Debug for DsmOptions {
         f.debug_struct("DsmOptions")
             .field("homes", &self.homes)
             .field("prefetch_max", &self.prefetch_max)
+            .field("zero_run", &self.zero_run)
             .field("transport", &self.transport)
             .field("count_page_faults", &self.count_page_faults)
             .finish()
@@ -219,6 +230,7 @@ pub(crate) struct NodeCore {
     control: ControlState,
     stream: Mutex<Stream>,
     prefetch_max: u64,
+    zero_run: u64,
     on_page_change: Option<PageChangeHook>,
     app: RwLock<Option<AppHandler>>,
     /// Faults of each page, when counted ([`DsmOptions::count_page_faults`]).
@@ -476,6 +488,7 @@ impl NodeCore {
             control: ControlState::new(me == 0),
             stream: Mutex::new(Stream::default()),
             prefetch_max: u64::from(opts.prefetch_max),
+            zero_run: u64::from(opts.zero_run.clamp(1, MAX_ZERO_RUN)),
             on_page_change: opts.on_page_change,
             app: RwLock::new(None),
             page_faults: opts.count_page_faults.then(|| FaultCounts::new(pages)),

@@ -176,6 +176,66 @@ fn an_unowned_page_is_granted_as_zeros_with_no_data() {
 }
 
 #[test]
+fn a_first_touch_at_home_takes_the_unowned_pages_of_its_block() {
+    // Page 3 is the origin's; the rest of block 0..16 and all of 16..32
+    // are unowned, every page homed here.
+    let f = Fixture::new(0, 2, 32, &[(3, 0x33)]);
+    let sent = f.fault(5, false);
+    assert!(sent.is_empty(), "a zero run needs no message: {sent:?}");
+    for page in 0..32 {
+        let want = if (3..16).contains(&page) {
+            LocalState::Exclusive
+        } else {
+            LocalState::Invalid
+        };
+        assert_eq!(f.state(page), want, "page {page}");
+    }
+    assert_eq!(f.byte(3), 0x33, "the origin's page is untouched");
+    assert_eq!((f.byte(4), f.byte(10), f.byte(15)), (0, 0, 0));
+    assert_eq!(f.core.stats.snapshot().prefetched, 11, "4 and 6..=15");
+    assert_eq!(f.core.stats.snapshot().faults(), 1);
+    // A page of the run is the home's like any other: a remote reader gets
+    // its data, and the run never reached the next block.
+    let sent = f.recv(1, &[read(10)]).unwrap();
+    assert_eq!(
+        sent,
+        vec![(1, grant(10, LocalState::Shared, Some(0), false, 0))]
+    );
+    let sent = f.recv(1, &[write(16)]).unwrap();
+    assert_eq!(
+        sent,
+        vec![(1, grant(16, LocalState::Exclusive, None, true, 0))]
+    );
+}
+
+#[test]
+fn a_zero_run_stops_at_a_page_held_elsewhere() {
+    let f = Fixture::new(0, 2, 16, &[]);
+    // Node 1 owns pages 2 and 9.
+    f.recv(1, &[write(2)]).unwrap();
+    f.recv(1, &[write(9)]).unwrap();
+    assert!(f.fault(7, true).is_empty());
+    for (page, want) in [
+        (1, LocalState::Invalid),
+        (2, LocalState::Invalid),
+        (3, LocalState::Exclusive),
+        (7, LocalState::Exclusive),
+        (8, LocalState::Exclusive),
+        (9, LocalState::Invalid),
+        (10, LocalState::Invalid),
+    ] {
+        assert_eq!(f.state(page), want, "page {page}");
+    }
+    // Node 1's pages are still its own: a read of 9 is fetched from it.
+    let sent = f.recv(1, &[read(9)]).unwrap();
+    assert_eq!(
+        sent,
+        vec![(1, grant(9, LocalState::Exclusive, None, false, 0))],
+        "node 1 is the owner: a duplicate request keeps its mode"
+    );
+}
+
+#[test]
 fn a_write_invalidates_the_sharers_and_queues_the_next_request() {
     let f = Fixture::new(0, 3, 8, &[(5, 0x11)]);
     f.recv(1, &[read(5)]).unwrap();

@@ -3,9 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use super::devices::device_args;
+use super::guest_tuning;
 use super::spec::VmSpec;
 use super::LaunchError;
 use crate::config::PeerAddr;
+use crate::placement::cpu_ranges;
 use dsm_service::TransportSecurity;
 
 /// What every node needs to know about the cluster besides the [`VmSpec`].
@@ -44,14 +46,7 @@ pub fn escape_opt_value(value: &str) -> String {
 /// places on host `k`, as QEMU `-numa node` options (`cpus=0-1` or, for a
 /// `vcpu-map` that is not contiguous, `cpus=0,cpus=2`).
 pub fn numa_cpus(spec: &VmSpec, node: u32) -> Result<String, LaunchError> {
-    let placement = spec.placement()?;
-    let mut ranges: Vec<(u32, u32)> = Vec::new();
-    for c in placement.vcpus_of(node) {
-        match ranges.last_mut() {
-            Some((_, end)) if *end + 1 == c => *end = c,
-            _ => ranges.push((c, c)),
-        }
-    }
+    let ranges = cpu_ranges(spec.placement()?.vcpus_of(node));
     if ranges.is_empty() {
         return Err(LaunchError::Usage(format!("node {node} runs no vCPU")));
     }
@@ -167,7 +162,10 @@ pub fn node_args(
         push(&["-initrd", &i.display().to_string()]);
     }
     if let Some(ap) = &spec.append {
-        push(&["-append", ap]);
+        match guest_tuning::extra_args(spec, ap)? {
+            Some(extra) => push(&["-append", &format!("{ap} {extra}")]),
+            None => push(&["-append", ap]),
+        }
     }
     if spec.disk_info.len() != spec.disks.len() {
         return Err(LaunchError::Runtime(

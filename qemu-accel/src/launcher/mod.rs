@@ -11,6 +11,8 @@
 
 pub mod cmdline;
 pub mod devices;
+pub mod guest_tuning;
+pub mod host_cpus;
 pub mod key;
 pub mod netns;
 pub mod spec;
@@ -198,6 +200,14 @@ pub struct VmArgs {
     /// Root's ssh key in the guest [default: the system image's id_ed25519].
     #[arg(long, value_name = "FILE")]
     ssh_key: Option<PathBuf>,
+    /// Host CPUs each local node's QEMU runs on: one list for every node
+    /// (0-1) or one per node separated by '/' (0/1) [default: any].
+    #[arg(long, value_name = "CPUS[/CPUS...]")]
+    host_cpus: Option<host_cpus::HostCpus>,
+    /// Leave the guest kernel command line as given: do not add nohz_full=
+    /// for the other hosts' vCPUs (docs/performance.md).
+    #[arg(long)]
+    no_guest_tuning: bool,
     /// Extra QEMU arguments for every node.
     #[arg(last = true, value_name = "QEMU ARGS")]
     extra: Vec<String>,
@@ -312,6 +322,8 @@ impl VmArgs {
             nets: self.nets,
             name: self.name,
             ssh_key: self.ssh_key,
+            host_cpus: self.host_cpus,
+            guest_tuning: self.no_guest_tuning.then_some(false),
         };
         VmSpec::resolve(file, flags)
     }
@@ -604,6 +616,7 @@ fn run_cmd(mut spec: VmSpec, hosts: &HostVmOptions) -> Result<ExitCode, LaunchEr
         stop_timeout: spec.stop_timeout,
         timeout: spec.timeout,
         forward_stdin: stdin_forwardable(),
+        host_cpus: spec.host_cpus.clone(),
     };
     let outcome = run_nodes(&commands, &sup);
     drop(registration);

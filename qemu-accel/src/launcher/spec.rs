@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::devices::{self, DiskInfo, DiskSpec, NetArg, NetSpec, SystemImage};
+use super::host_cpus::{self, HostCpus};
 use super::LaunchError;
 use crate::config::{ConfigError, Engine, PeerAddr, MAX_NODES};
 use crate::placement::VcpuPlacement;
@@ -177,6 +178,10 @@ pub struct FileConfig {
     pub name: Option<String>,
     /// Root's ssh key for `fragvisor ssh` (default: the system image's).
     pub ssh_key: Option<PathBuf>,
+    /// Host CPUs of each local node's QEMU: `0-1` for all, `0/1` per node.
+    pub host_cpus: Option<String>,
+    /// Add the guest kernel arguments for a spread VM (default true).
+    pub guest_tuning: Option<bool>,
 }
 
 impl FileConfig {
@@ -251,6 +256,8 @@ pub struct Overrides {
     pub nets: Vec<NetArg>,
     pub name: Option<String>,
     pub ssh_key: Option<PathBuf>,
+    pub host_cpus: Option<HostCpus>,
+    pub guest_tuning: Option<bool>,
 }
 
 /// A complete, checked description of an aggregate VM.
@@ -312,6 +319,10 @@ pub struct VmSpec {
     pub name: Option<String>,
     /// Root's ssh key for `fragvisor ssh`.
     pub ssh_key: Option<PathBuf>,
+    /// Host CPUs each local node's QEMU is confined to, if any.
+    pub host_cpus: Option<HostCpus>,
+    /// Add `guest_tuning::extra_args` to the kernel command line.
+    pub guest_tuning: bool,
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration, LaunchError> {
@@ -481,6 +492,21 @@ impl VmSpec {
             // The accelerator's own check, so both refuse alike.
             VcpuPlacement::new(nodes, smp, map).map_err(|e| LaunchError::Usage(e.to_string()))?;
         }
+        let host_cpus = match (flags.host_cpus, &file.host_cpus) {
+            (Some(h), _) => Some(h),
+            (None, Some(text)) => Some(
+                text.parse::<HostCpus>()
+                    .map_err(|e| LaunchError::Usage(e.to_string()))?,
+            ),
+            (None, None) => None,
+        };
+        if let Some(h) = &host_cpus {
+            if network == NetMode::VirtualHosts {
+                return usage("host-cpus: not with virtual hosts (each host VM is one QEMU; confine the launcher with taskset instead)".into());
+            }
+            h.check(nodes, host_cpus::configured_cpus())
+                .map_err(|e| LaunchError::Usage(e.to_string()))?;
+        }
         Ok(VmSpec {
             nodes,
             engine: flags
@@ -512,6 +538,8 @@ impl VmSpec {
             system_image,
             name,
             ssh_key: flags.ssh_key.or(file.ssh_key),
+            host_cpus,
+            guest_tuning: flags.guest_tuning.or(file.guest_tuning).unwrap_or(true),
         })
     }
 

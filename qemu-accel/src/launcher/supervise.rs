@@ -20,6 +20,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::host_cpus::{self, HostCpus};
 use super::LaunchError;
 
 /// One node process to start.
@@ -47,6 +48,8 @@ pub struct Supervision {
     pub timeout: Option<Duration>,
     /// Copy the launcher's stdin to the origin's serial console.
     pub forward_stdin: bool,
+    /// Host CPUs each node's process is confined to.
+    pub host_cpus: Option<HostCpus>,
 }
 
 /// How a run ended.
@@ -307,6 +310,13 @@ pub fn run_nodes(commands: &[NodeCommand], sup: &Supervision) -> Result<Outcome,
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if let Some(cpus) = &sup.host_cpus {
+            let cpus = cpus.for_node(cmd.node).to_vec();
+            // SAFETY: the closure runs between fork and exec and calls only
+            // sched_setaffinity (async-signal-safe); `cpus` was allocated
+            // before the fork.
+            unsafe { c.pre_exec(move || host_cpus::confine_self(&cpus)) };
+        }
         tracing::debug!(node = cmd.node, program = %cmd.program.display(), args = ?cmd.args, "starting node");
         let mut child = match c.spawn() {
             Ok(child) => child,

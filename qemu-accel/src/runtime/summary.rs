@@ -20,6 +20,11 @@ struct Summary {
     /// `(vCPU, exits)` of the vCPUs this host ran.
     vcpus: Vec<(u32, u64)>,
     faults: u64,
+    /// Read faults, write faults on missing pages, upgrades, and the faults
+    /// of all kinds resolved with no message.
+    kinds: [u64; 4],
+    /// Median fault latency, ns.
+    fault_p50_ns: u64,
     served: u64,
     bytes_sent: u64,
     bytes_received: u64,
@@ -39,9 +44,14 @@ impl Summary {
             .map(|(c, n)| format!("cpu{c}:{n}"))
             .collect();
         let mut line = format!(
-            "fragvisor: node {me} summary: vcpus=[{}] dsm_faults={} dsm_served={} bytes_sent={} bytes_received={} clock_bound_ns={} clock_resyncs={} clock_rate_ppb={}",
+            "fragvisor: node {me} summary: vcpus=[{}] dsm_faults={} (read={} write={} upgrade={} at_home={} p50_ns={}) dsm_served={} bytes_sent={} bytes_received={} clock_bound_ns={} clock_resyncs={} clock_rate_ppb={}",
             vcpus.join(","),
             self.faults,
+            self.kinds[0],
+            self.kinds[1],
+            self.kinds[2],
+            self.kinds[3],
+            self.fault_p50_ns,
             self.served,
             self.bytes_sent,
             self.bytes_received,
@@ -102,6 +112,13 @@ impl Runtime {
             node: me,
             vcpus,
             faults: stats.faults(),
+            kinds: [
+                stats.read_faults,
+                stats.write_faults,
+                stats.upgrades,
+                stats.local_faults,
+            ],
+            fault_p50_ns: stats.latency_p50_ns,
             served: stats.served,
             bytes_sent: stats.bytes_sent,
             bytes_received: stats.bytes_received,
@@ -130,6 +147,8 @@ mod tests {
             node: 1,
             vcpus: vec![(2, 10), (3, 0)],
             faults: 100,
+            kinds: [50, 30, 20, 10],
+            fault_p50_ns: 9000,
             served: 40,
             bytes_sent: 4096,
             bytes_received: 8192,
@@ -144,7 +163,7 @@ mod tests {
     fn the_summary_is_one_line_of_fields() {
         assert_eq!(
             summary().line(),
-            "fragvisor: node 1 summary: vcpus=[cpu2:10,cpu3:0] dsm_faults=100 dsm_served=40 \
+            "fragvisor: node 1 summary: vcpus=[cpu2:10,cpu3:0] dsm_faults=100 (read=50 write=30 upgrade=20 at_home=10 p50_ns=9000) dsm_served=40 \
              bytes_sent=4096 bytes_received=8192 clock_bound_ns=25 clock_resyncs=7 clock_rate_ppb=-300"
         );
     }

@@ -28,6 +28,10 @@ scripts/fuzz.sh 5
 step "patched QEMU: fetch, patch, build (cached), end-to-end tests"
 scripts/qemu/e2e.sh --no-fail-fast
 
+step "scaling benchmark, short: sysbench cpu on 1 and 2 nodes (figures printed, not asserted)"
+FV_SCALE_WORKLOADS=sysbench-cpu FV_SCALE_NODES="1 2" FV_SCALE_OVERCOMMIT=0 FV_SCALE_RUNS=1 \
+    scripts/bench-scale.sh | tail -n 1
+
 step "DSM benchmark (figures printed, not asserted)"
 ./target/release/fragvisor-dsm bench --json --seq-mb 64 --samples 1000 | tail -n 1
 

@@ -36,21 +36,7 @@ RUN_TIMEOUT=${FV_BENCH_TIMEOUT:-300}
 
 # --- build / fetch what the runs need -------------------------------------
 fv_need_cargo
-QEMU=${FRAGVISOR_QEMU:-$(scripts/build-qemu.sh | tail -n1)}
-KERNEL=${FRAGVISOR_GUEST_KERNEL:-$(guest-kernel/fetch-kernel.sh | tail -n1)}
-INITRD=${FRAGVISOR_INITRAMFS:-$(guest-kernel/build-initramfs.sh | tail -n1)}
-[ -x "$QEMU" ] || fv_die "no patched QEMU at '$QEMU'"
-[ -f "$KERNEL" ] || fv_die "no guest kernel at '$KERNEL'"
-[ -f "$INITRD" ] || fv_die "no initramfs at '$INITRD'"
-cargo build --release -p qemu-accel --bin fragvisor >&2
-LAUNCHER=$FV_ROOT/target/release/fragvisor
-
-if [ -n "${FV_BENCH_LOGS:-}" ]; then
-    mkdir -p "$FV_BENCH_LOGS"; WORK=$(cd "$FV_BENCH_LOGS" && pwd)
-else
-    WORK=$(mktemp -d "${TMPDIR:-/tmp}/fv-bench-boot.XXXXXX")
-    trap 'rm -rf "$WORK"' EXIT
-fi
+fv_bench_setup FRAGVISOR_INITRAMFS guest-kernel/build-initramfs.sh "${FV_BENCH_LOGS:-}" bench-boot
 
 APPEND="console=ttyS0 clocksource=tsc tsc=reliable panic=-1 nokaslr ${FV_BENCH_APPEND:-}fv.workload=$WORKLOAD"
 fv_log "qemu:   $QEMU"

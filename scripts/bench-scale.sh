@@ -49,21 +49,7 @@ RUN_TIMEOUT=${FV_SCALE_TIMEOUT:-600}
 [ "$(nproc)" -ge 2 ] || [ "$OVERCOMMIT" = 0 ] || fv_die "the scale-out comparison needs 2 host CPUs (FV_SCALE_OVERCOMMIT=0 skips it)"
 
 fv_need_cargo
-QEMU=${FRAGVISOR_QEMU:-$(scripts/build-qemu.sh | tail -n1)}
-KERNEL=${FRAGVISOR_GUEST_KERNEL:-$(guest-kernel/fetch-kernel.sh | tail -n1)}
-INITRD=${FRAGVISOR_BENCH_INITRAMFS:-$(guest-kernel/build-bench-initramfs.sh | tail -n1)}
-[ -x "$QEMU" ] || fv_die "no patched QEMU at '$QEMU'"
-[ -f "$KERNEL" ] || fv_die "no guest kernel at '$KERNEL'"
-[ -f "$INITRD" ] || fv_die "no benchmark initramfs at '$INITRD'"
-cargo build --release -p qemu-accel --bin fragvisor >&2
-LAUNCHER=$FV_ROOT/target/release/fragvisor
-
-if [ -n "${FV_SCALE_LOGS:-}" ]; then
-    mkdir -p "$FV_SCALE_LOGS"; WORK=$(cd "$FV_SCALE_LOGS" && pwd)
-else
-    WORK=$(mktemp -d "${TMPDIR:-/tmp}/fv-bench-scale.XXXXXX")
-    trap 'rm -rf "$WORK"' EXIT
-fi
+fv_bench_setup FRAGVISOR_BENCH_INITRAMFS guest-kernel/build-bench-initramfs.sh "${FV_SCALE_LOGS:-}" bench-scale
 APPEND_BASE="console=ttyS0 clocksource=tsc tsc=reliable panic=-1 ${FV_SCALE_APPEND:-}"
 
 # run_one NAME TAG NODES SMP [HOST_CPUS]: one boot running workload NAME;

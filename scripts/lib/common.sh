@@ -94,3 +94,27 @@ fv_busybox_root() {
     done
     echo 'root:x:0:0:root:/root:/bin/sh' > "$root/etc/passwd"
 }
+
+# fv_bench_setup INITRD_VAR INITRD_SCRIPT LOGS_DIR NAME: what a guest
+# benchmark needs, built or fetched unless given by FRAGVISOR_QEMU,
+# FRAGVISOR_GUEST_KERNEL and the variable named INITRD_VAR. Sets QEMU,
+# KERNEL, INITRD, LAUNCHER, and WORK (LOGS_DIR when set, else a temporary
+# directory removed at exit).
+fv_bench_setup() {
+    local initrd_var=$1 initrd_script=$2 logs=$3 name=$4
+    QEMU=${FRAGVISOR_QEMU:-$("$FV_ROOT/scripts/build-qemu.sh" | tail -n1)}
+    KERNEL=${FRAGVISOR_GUEST_KERNEL:-$("$FV_ROOT/guest-kernel/fetch-kernel.sh" | tail -n1)}
+    INITRD=${!initrd_var:-$("$FV_ROOT/$initrd_script" | tail -n1)}
+    [ -x "$QEMU" ] || fv_die "no patched QEMU at '$QEMU'"
+    [ -f "$KERNEL" ] || fv_die "no guest kernel at '$KERNEL'"
+    [ -f "$INITRD" ] || fv_die "no initramfs at '$INITRD'"
+    cargo build --release -p qemu-accel --bin fragvisor >&2
+    LAUNCHER=${CARGO_TARGET_DIR:-$FV_ROOT/target}/release/fragvisor
+    if [ -n "$logs" ]; then
+        mkdir -p "$logs"; WORK=$(cd "$logs" && pwd)
+    else
+        WORK=$(mktemp -d "${TMPDIR:-/tmp}/fv-$name.XXXXXX")
+        # shellcheck disable=SC2064 # expand WORK now
+        trap "rm -rf '$WORK'" EXIT
+    fi
+}

@@ -67,9 +67,7 @@ bench_one() {
             --timeout "$RUN_TIMEOUT" \
             -- -smp "$SMP,sockets=$n" \
         </dev/null 2>"$err" |
-    while IFS= read -r line || [ -n "$line" ]; do
-        printf '%s %s\n' "$EPOCHREALTIME" "${line%$'\r'}"
-    done >"$con"
+    fv_stamp >"$con"
     rc=${PIPESTATUS[0]}
     set -e
     t=$EPOCHREALTIME

@@ -66,9 +66,7 @@ run_one() {
             --append "$APPEND_BASE fv.workload=scale fv.scale=$name fv.size=$SIZE" \
             -- -smp "$smp,sockets=$n" \
         </dev/null 2>"$err" |
-    while IFS= read -r line || [ -n "$line" ]; do
-        printf '%s %s\n' "$EPOCHREALTIME" "${line%$'\r'}"
-    done >"$con"
+    fv_stamp >"$con"
     rc=${PIPESTATUS[0]}
     set -e
     start=$(awk -v w="$name" '$2 == "FV:" && $3 == "scale" && $4 == w && $5 == "start" { print $1; exit }' "$con")

@@ -118,3 +118,12 @@ fv_bench_setup() {
         trap "rm -rf '$WORK'" EXIT
     fi
 }
+
+# fv_stamp: copy stdin to stdout, each line prefixed with the wall clock
+# ($EPOCHREALTIME, bash >= 5) at its arrival and stripped of a trailing CR.
+fv_stamp() {
+    local line
+    while IFS= read -r line || [ -n "$line" ]; do
+        printf '%s %s\n' "$EPOCHREALTIME" "${line%$'\r'}"
+    done
+}

@@ -19,6 +19,9 @@
 #   FV_BENCH_WORKLOAD  fv.workload= (default tscskew; the same for every N)
 #   FV_BENCH_TIMEOUT   seconds per run before the launcher stops it (default 300)
 #   FV_BENCH_LOGS      keep the per-run console/stderr logs in this directory
+#   FV_BENCH_APPEND    extra guest kernel arguments, ending in a space (the
+#                      guest always boots with nokaslr, so hot pages can be
+#                      named by symbol: docs/performance.md)
 #   FRAGVISOR_QEMU, FRAGVISOR_GUEST_KERNEL, FRAGVISOR_INITRAMFS: skip the builds
 #   FRAGVISOR_DSM_PREFETCH  DSM read-ahead for guest RAM, pages (passed to every node)
 set -euo pipefail

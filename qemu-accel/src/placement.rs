@@ -185,6 +185,15 @@ pub fn cpu_ranges(cpus: impl IntoIterator<Item = u32>) -> Vec<(u32, u32)> {
     ranges
 }
 
+/// One range of [`cpu_ranges`] as CPU-list text: `3` or `1-3`.
+pub fn cpu_range_text(&(first, last): &(u32, u32)) -> String {
+    if first == last {
+        first.to_string()
+    } else {
+        format!("{first}-{last}")
+    }
+}
+
 /// The host that is home for the memory of guest NUMA node `numa_node` in a
 /// cluster of `nodes`: one guest NUMA node per host, node `g` on host `g`;
 /// memory of a NUMA node beyond the cluster, or of no NUMA node, is homed

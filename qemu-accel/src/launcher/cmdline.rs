@@ -7,7 +7,7 @@ use super::guest_tuning;
 use super::spec::VmSpec;
 use super::LaunchError;
 use crate::config::PeerAddr;
-use crate::placement::cpu_ranges;
+use crate::placement::{cpu_range_text, cpu_ranges};
 use dsm_service::TransportSecurity;
 
 /// What every node needs to know about the cluster besides the [`VmSpec`].
@@ -52,13 +52,7 @@ pub fn numa_cpus(spec: &VmSpec, node: u32) -> Result<String, LaunchError> {
     }
     let parts: Vec<String> = ranges
         .iter()
-        .map(|&(a, b)| {
-            if a == b {
-                format!("cpus={a}")
-            } else {
-                format!("cpus={a}-{b}")
-            }
-        })
+        .map(|r| format!("cpus={}", cpu_range_text(r)))
         .collect();
     Ok(parts.join(","))
 }

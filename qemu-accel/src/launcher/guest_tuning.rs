@@ -14,7 +14,7 @@
 
 use super::spec::VmSpec;
 use super::LaunchError;
-use crate::placement::cpu_ranges;
+use crate::placement::{cpu_range_text, cpu_ranges};
 
 /// The arguments added to `append` for `spec`, or `None` when there is
 /// nothing to add: one node, tuning off, or the user already chose the
@@ -48,13 +48,7 @@ pub fn extra_args(spec: &VmSpec, append: &str) -> Result<Option<String>, LaunchE
 fn cpu_list(cpus: &[u32]) -> String {
     cpu_ranges(cpus.iter().copied())
         .iter()
-        .map(|&(a, b)| {
-            if a == b {
-                a.to_string()
-            } else {
-                format!("{a}-{b}")
-            }
-        })
+        .map(cpu_range_text)
         .collect::<Vec<_>>()
         .join(",")
 }
